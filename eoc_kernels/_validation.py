@@ -1,0 +1,120 @@
+"""Input checks shared by the public ops in ``ops.py`` (DESIGN §3 shapes, dtypes and devices).
+
+Each check raises TypeError for a wrong type or dtype and ValueError for a wrong shape, device or
+length, with a message "<op>: <argument> must ..., got ..." naming the argument, what was expected
+and what was given. Backends (the reference included) assume checked inputs.
+"""
+
+import numbers
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fmt_shape(shape):
+    return "[" + ", ".join(str(size) for size in shape) + "]"
+
+
+def _is_number(value):
+    # bool is a numbers.Real, but True as a coefficient is almost surely a mistake.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _require_tensor(op, name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _require_device(op, name, tensor, device):
+    if tensor.device != device:
+        raise ValueError(f"{op}: {name} must be on device {device} (the device of x), "
+                         f"got {tensor.device}")
+
+
+def _shape_error(op, name, expected, tensor):
+    return ValueError(f"{op}: {name} must have shape {expected}, got {_fmt_shape(tensor.shape)}")
+
+
+def _check_dtype_device(op, name, tensor, x):
+    """tensor must be a tensor with x's dtype and device."""
+    _require_tensor(op, name, tensor)
+    if tensor.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} must have dtype {x.dtype} (the dtype of x), "
+                        f"got {tensor.dtype}")
+    _require_device(op, name, tensor, x.device)
+
+
+def _check_like_x(op, name, tensor, x, layout, shape):
+    """tensor must have x's dtype and device and the given shape, described by layout."""
+    _check_dtype_device(op, name, tensor, x)
+    if tuple(tensor.shape) != shape:
+        raise _shape_error(op, name, f"{layout} = {_fmt_shape(shape)}", tensor)
+
+
+def _check_per_head(op, name, tensor, x):
+    """tensor must be [H, N, C] like x, with H dividing B (row b uses entry b // (B // H))."""
+    _check_dtype_device(op, name, tensor, x)
+    batch, tokens, channels = x.shape
+    heads = tensor.shape[0] if tensor.dim() == 3 else 0
+    if tensor.shape[1:] != x.shape[1:] or heads == 0 or batch % heads != 0:
+        raise _shape_error(op, name, f"[H, N, C] = [H, {tokens}, {channels}] with H dividing "
+                                     f"B = {batch}", tensor)
+
+
+def _check_parameter_tensor(op, name, tensor, device, shapes, layout):
+    """A float32 tensor on x's device whose shape is one of shapes (coefficients, threshold)."""
+    if tensor.dtype != torch.float32:
+        raise TypeError(f"{op}: {name} must be a float32 tensor, got {tensor.dtype}")
+    _require_device(op, name, tensor, device)
+    if tuple(tensor.shape) not in shapes:
+        raise _shape_error(op, name, layout, tensor)
+
+
+def _check_coef(op, name, coef, device):
+    """coef = (alpha, beta, gamma): a tuple or list of 3 numbers, or a float32 tensor [3]."""
+    if isinstance(coef, torch.Tensor):
+        _check_parameter_tensor(op, name, coef, device, shapes=[(3,)], layout="[3]")
+        return
+    if not isinstance(coef, (tuple, list)):
+        raise TypeError(f"{op}: {name} must be a tuple of 3 numbers (alpha, beta, gamma) or a "
+                        f"float32 tensor of shape [3], got {type(coef).__name__}")
+    if len(coef) != 3:
+        raise ValueError(f"{op}: {name} must have 3 entries (alpha, beta, gamma), got {len(coef)}")
+    for value in coef:
+        if not _is_number(value):
+            raise TypeError(f"{op}: {name} entries must be Python numbers (not bool), "
+                            f"got {type(value).__name__}")
+
+
+def check_features(op, x):
+    """x must be a [B, N, C] tensor of a supported dtype."""
+    _require_tensor(op, "x", x)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: x must have dtype float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 3:
+        raise _shape_error(op, "x", "[B, N, C]", x)
+
+
+def check_branch(op, x, suffix, *, gate, cache, prev, delta, trend, coef):
+    """Checks one reused branch's arguments; their names are the base names + suffix."""
+    batch, tokens, channels = x.shape
+    _check_like_x(op, f"gate{suffix}", gate, x, "[B, C]", (batch, channels))
+    _check_like_x(op, f"cache{suffix}", cache, x, "[B, N, C]", (batch, tokens, channels))
+    if prev is not None:
+        _check_like_x(op, f"prev{suffix}", prev, x, "[B, N, C]", (batch, tokens, channels))
+    if delta is not None:
+        _check_per_head(op, f"delta{suffix}", delta, x)
+    if trend is not None:
+        _check_per_head(op, f"trend{suffix}", trend, x)
+    _check_coef(op, f"coef{suffix}", coef, x.device)
+
+
+def check_token_threshold(op, token_threshold, device):
+    """token_threshold: a Python number or a one-element float32 tensor ([] or [1])."""
+    if isinstance(token_threshold, torch.Tensor):
+        _check_parameter_tensor(op, "token_threshold", token_threshold, device,
+                                shapes=[(), (1,)], layout="[] or [1]")
+    elif not _is_number(token_threshold):
+        raise TypeError(f"{op}: token_threshold must be a Python number or a float32 tensor with "
+                        f"one element, got {type(token_threshold).__name__}")

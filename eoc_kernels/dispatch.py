@@ -1,0 +1,93 @@
+"""Backend selection for the public ops (DESIGN §3, "Backends behind one dispatcher").
+
+A backend is a name plus, per op, an implementation with the op's signature minus ``backend`` and
+a predicate telling whether it runs on a given device. ``ops.py`` only asks ``get_impl``; a new
+backend slots in by calling ``register_backend`` from its own module, without editing ``ops.py``.
+The eager reference is registered here as the "torch" backend and runs on any device.
+
+Selection: the op's ``backend=`` argument, else the ``EOC_BACKEND`` environment variable, else
+"auto", which picks the first available backend in ``BACKENDS`` (fastest first).
+"""
+
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import reference
+
+AUTO = "auto"
+ENV_VAR = "EOC_BACKEND"
+#: Every concrete backend name, fastest first. "triton", "cuda" and "cpp" are reserved for the
+#: compiled backends; they are unavailable until a module registers them.
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+
+
+class _Impl(NamedTuple):
+    fn: Callable
+    is_available: Callable[[torch.device], bool]
+
+
+_REGISTRY: dict[str, dict[str, _Impl]] = {}  # op name -> backend name -> implementation
+
+
+def register_backend(op_name: str, backend_name: str, fn: Callable,
+                     is_available: Callable[[torch.device], bool]) -> None:
+    """Registers fn as op_name's implementation for backend_name (replacing any earlier one).
+
+    is_available(device) says whether fn can run on tensors of that device (it must be cheap).
+    """
+    if backend_name not in BACKENDS:
+        raise ValueError(f"cannot register backend {backend_name!r}: valid names are "
+                         f"{', '.join(BACKENDS)}")
+    _REGISTRY.setdefault(op_name, {})[backend_name] = _Impl(fn, is_available)
+
+
+def _runs(op_name, backend_name, device):
+    impl = _REGISTRY.get(op_name, {}).get(backend_name)
+    return impl is not None and impl.is_available(device)
+
+
+def available_backends(device, op_name: str | None = None) -> list[str]:
+    """Backends that run on device, fastest first: for op_name, or for every op when None."""
+    device = torch.device(device)
+    op_names = [op_name] if op_name is not None else list(_REGISTRY)
+    return [name for name in BACKENDS
+            if op_names and all(_runs(op, name, device) for op in op_names)]
+
+
+def resolve_backend(backend: str | None, device, op_name: str | None = None) -> str:
+    """The concrete backend to run on device: backend, or $EOC_BACKEND when None, or "auto".
+
+    Raises ValueError for an unknown name and for a known one not available on device.
+    """
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(ENV_VAR) or AUTO, ENV_VAR
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    name = backend.strip().lower()
+    if name != AUTO and name not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (from {source}); valid names: "
+                         f"{', '.join((AUTO,) + BACKENDS)}")
+    device = torch.device(device)
+    available = available_backends(device, op_name)
+    if not available:
+        raise ValueError(f"no backend is available for device {device}")
+    if name == AUTO:
+        return available[0]
+    if name not in available:
+        raise ValueError(f"backend {name!r} (from {source}) is not available for device "
+                         f"{device}; available: {', '.join(available)} (or {AUTO!r})")
+    return name
+
+
+def get_impl(op_name: str, backend: str | None, device) -> Callable:
+    """op_name's implementation for resolve_backend(backend, device, op_name)."""
+    if op_name not in _REGISTRY:
+        raise ValueError(f"unknown op {op_name!r}; ops: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[op_name][resolve_backend(backend, device, op_name)].fn
+
+
+for _op_name in ("cached_branch", "cached_block"):
+    register_backend(_op_name, "torch", getattr(reference, _op_name), lambda device: True)

@@ -1,0 +1,192 @@
+"""The ``eoc`` command line (DESIGN §4): calibrate a prior, sample with caching and EOC.
+
+A model is a checkpoint of the original DiT release (``--checkpoint``) or, for smoke tests, a named
+random-init config (``--model DiT-S/8 --input-size 32``). Errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+SCHEDULE_HELP = "'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps)"
+
+
+def _int_list(values: list[str]) -> list[int]:
+    """'0 1 2', '0,1,2' and '0-9' (inclusive) all work."""
+    out = []
+    for value in values:
+        for part in value.split(","):
+            if not part:
+                continue
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else part[1:].split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    return out
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", help="path of a DiT checkpoint (state dict of the original DiT release)")
+    g.add_argument("--model", default=None, help="DiT config name, e.g. DiT-XL/2 (inferred from --checkpoint when omitted)")
+    g.add_argument("--input-size", type=int, default=32, help="latent/pixel size of a random-init model (default 32)")
+    g.add_argument("--in-channels", type=int, default=4, help="input channels of a random-init model (default 4)")
+    g.add_argument("--num-classes", type=int, default=1000, help="classes of a random-init model (default 1000)")
+    g.add_argument("--init-seed", type=int, default=0, help="seed of a random-init model's weights (default 0)")
+    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    g.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 = off (default 1)")
+    g.add_argument("--labels", nargs="+", default=["0"], help="class labels: '0 1 2', '0,1' or '0-9'")
+    g.add_argument("--seeds", nargs="+", default=["0"], help="noise seeds; one sample per (label, seed) pair")
+    g.add_argument("--batch-size", type=int, default=16)
+
+
+def _load_model(args):
+    from .models import DiT_models, load_dit
+
+    if args.checkpoint:
+        return load_dit(args.checkpoint, args.model, map_location=args.device)
+    if args.model is None:
+        raise ValueError("give --checkpoint PATH or --model NAME (a random-init config, for smoke tests)")
+    if args.model not in DiT_models:
+        raise ValueError(f"--model must be one of {', '.join(DiT_models)}, got {args.model!r}")
+    torch.manual_seed(args.init_seed)
+    model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes)
+    return model.to(args.device).eval()
+
+
+def _make_sampler(args):
+    from .diffusion import DDIMSampler, DDPMSampler
+
+    return (DDIMSampler if args.sampler == "ddim" else DDPMSampler)(args.steps)
+
+
+def _parse_schedule(text: str):
+    from .schedules import FORASchedule
+
+    if text == "none":
+        return FORASchedule(1)
+    parts = text.split(":")
+    if parts[0] != "fora" or len(parts) not in (2, 3):
+        raise ValueError(f"--schedule must be {SCHEDULE_HELP}; got {text!r}")
+    try:
+        numbers = [int(v) for v in parts[1:]]
+    except ValueError:
+        raise ValueError(f"--schedule must be {SCHEDULE_HELP}; got {text!r}") from None
+    return FORASchedule(*numbers)
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: folder {folder} does not exist or is not writable")
+
+
+def _pairs(args):
+    labels, seeds = _int_list(args.labels), _int_list(args.seeds)
+    return [(label, seed) for label in labels for seed in seeds]
+
+
+def cmd_calibrate(args) -> None:
+    from .prior import STORAGE_DTYPES, calibrate
+
+    _check_writable(args.out)
+    model = _load_model(args)
+    sampler = _make_sampler(args)
+    start = time.perf_counter()
+    prior = calibrate(model, sampler, _int_list(args.labels), _int_list(args.seeds), cfg_scale=args.cfg_scale,
+                      max_gap=args.max_gap, holdout=args.holdout, progress=True, batch_size=args.batch_size)
+    prior.save(args.out, dtype=STORAGE_DTYPES[args.dtype])
+    print(f"{prior} written to {args.out} in {time.perf_counter() - start:.1f} s")
+
+
+def cmd_sample(args) -> None:
+    from .config import EOCConfig
+    from .patching import apply_eoc
+    from .prior import Prior, noise_for_seed
+
+    _check_writable(args.out)
+    if not args.out.endswith((".npy", ".png")):
+        raise ValueError(f"--out must end with .npy or .png, got {args.out!r}")
+    model = _load_model(args)
+    sampler = _make_sampler(args)
+    schedule = _parse_schedule(args.schedule)
+    config = None if args.mode == "none" else EOCConfig(mode=args.mode, theta=args.theta)
+    prior = Prior.load(args.prior, device="cpu") if args.prior else None
+    pairs = _pairs(args)
+    outputs = []
+    start = time.perf_counter()
+    with apply_eoc(model, schedule, prior=prior, config=config):
+        for begin in range(0, len(pairs), args.batch_size):
+            batch = pairs[begin : begin + args.batch_size]
+            noise = torch.cat([noise_for_seed(model, seed) for _, seed in batch]).to(args.device)
+            labels = torch.tensor([label for label, _ in batch], device=args.device)
+            outputs.append(sampler.sample(model, noise, labels, cfg_scale=args.cfg_scale, progress=True).cpu())
+    elapsed = time.perf_counter() - start
+    samples = torch.cat(outputs)
+    if args.out.endswith(".npy"):
+        np.save(args.out, samples.float().numpy())
+    else:
+        from .images import image_grid, write_png
+
+        write_png(args.out, image_grid(samples))
+    level = schedule.caching_level_for(args.steps, len(list(model.blocks)))
+    print(f"{len(pairs)} samples ({schedule}, caching level {level:.2f}, EOC {args.mode}) in {elapsed:.2f} s -> {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eoc", description="Error-Optimized Cache for Diffusion Transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("calibrate", help="extract an EOC prior from uncached runs and save it (safetensors)",
+                       description="Run the uncached sampler over every (label, seed) pair and save the prior.")
+    _add_model_args(p)
+    _add_sampler_args(p)
+    p.add_argument("--max-gap", type=int, default=4, help="largest reuse gap the judgment statistics cover (default 4)")
+    p.add_argument("--holdout", type=float, default=0.25, help="fraction of pairs kept for the judgment statistics")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype of the mean")
+    p.add_argument("--out", required=True, help="output prior file (.safetensors)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("sample", help="sample with a caching schedule and an optional EOC correction",
+                       description="Sample every (label, seed) pair, optionally with caching and EOC.")
+    _add_model_args(p)
+    _add_sampler_args(p)
+    p.add_argument("--schedule", default="none", help=SCHEDULE_HELP)
+    p.add_argument("--mode", choices=("none", "trend", "delta", "extrapolate"), default="none",
+                   help="EOC correction preset; 'none' = plain caching")
+    p.add_argument("--theta", type=float, default=None, help="the preset's coefficient (default: the preset's)")
+    p.add_argument("--prior", default=None, help="prior file from 'eoc calibrate' (trend and delta need one)")
+    p.add_argument("--out", required=True, help="output: .npy (all samples) or .png (grid; 1- or 3-channel models)")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
+        print(f"eoc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Caching schedules (DESIGN §2 "Schedule"): which (step, block, branch) entries compute and which reuse.
+
+A schedule turns into a boolean mask S[T, L, 2] (True = compute; branch 0 = attention, 1 = MLP).
+Step 0 always computes. For a reuse entry the source step is the latest earlier step that computed
+the same (block, branch); :func:`source_steps` finds it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ATTN, MLP = 0, 1
+BRANCHES = ("attn", "mlp")
+
+
+def _check_positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class Schedule:
+    """Base class: subclasses implement :meth:`mask`."""
+
+    def mask(self, num_steps: int, num_blocks: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def fixed_num_steps(self) -> int | None:
+        """The step count this schedule is bound to, or None when it fits any run length."""
+        return None
+
+    def caching_level_for(self, num_steps: int, num_blocks: int) -> float:
+        """Fraction of reused (step, block, branch) entries over a run of ``num_steps`` steps."""
+        return float((~self.mask(num_steps, num_blocks)).float().mean())
+
+
+class FORASchedule(Schedule):
+    """FORA (arXiv 2407.01425): every block recomputes at steps ``t < warmup`` and at
+    ``(t - warmup) % interval == 0``; all other steps reuse every block.
+
+    ``caching_level`` is the long-run fraction of reused entries, ``1 - 1/interval``; the exact level
+    over a finite run (warm-up and a partial last period included) is ``caching_level_for(T, L)``.
+    """
+
+    def __init__(self, interval: int, warmup: int = 0):
+        self.interval = _check_positive_int(interval, "interval")
+        self.warmup = _check_positive_int(warmup, "warmup", minimum=0)
+
+    def computes(self, step: int) -> bool:
+        return step < self.warmup or (step - self.warmup) % self.interval == 0
+
+    def mask(self, num_steps: int, num_blocks: int) -> torch.Tensor:
+        _check_positive_int(num_steps, "num_steps")
+        _check_positive_int(num_blocks, "num_blocks")
+        steps = torch.tensor([self.computes(t) for t in range(num_steps)])
+        return steps[:, None, None].expand(num_steps, num_blocks, 2).clone()
+
+    @property
+    def caching_level(self) -> float:
+        return 1.0 - 1.0 / self.interval
+
+    def __repr__(self) -> str:
+        return f"FORASchedule(interval={self.interval}, warmup={self.warmup})"
+
+
+class MaskSchedule(Schedule):
+    """Any user mask, bool [T, L, 2] (True = compute), e.g. a Learning-to-Cache router turned into a mask."""
+
+    def __init__(self, mask: torch.Tensor):
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = compute), got dtype {mask.dtype}")
+        if mask.dim() != 3 or mask.shape[2] != 2 or mask.shape[0] < 1 or mask.shape[1] < 1:
+            raise ValueError(f"mask must have shape [T, L, 2] with T, L >= 1, got {list(mask.shape)}")
+        if not bool(mask[0].all()):
+            raise ValueError("mask[0] must be all True: step 0 has no earlier output to reuse")
+        self._mask = mask.detach().to("cpu").clone()
+
+    @property
+    def fixed_num_steps(self) -> int:
+        return self._mask.shape[0]
+
+    def mask(self, num_steps: int, num_blocks: int) -> torch.Tensor:
+        T, L, _ = self._mask.shape
+        if num_steps != T:
+            raise ValueError(f"step count mismatch: the mask schedule has T = {T} steps, the run has {num_steps}")
+        if num_blocks != L:
+            raise ValueError(f"block count mismatch: the mask schedule has L = {L} blocks, the model has {num_blocks}")
+        return self._mask.clone()
+
+    @property
+    def caching_level(self) -> float:
+        return float((~self._mask).float().mean())
+
+    def __repr__(self) -> str:
+        T, L, _ = self._mask.shape
+        return f"MaskSchedule(T={T}, L={L}, caching_level={self.caching_level:.3f})"
+
+
+def source_steps(mask: torch.Tensor, step: int, block: int, branch: int) -> tuple[int, int | None]:
+    """For a reuse entry, (s, p): the latest compute step s < step and the compute step p < s before it
+    (None when there is none). ``mask`` is bool [T, L, 2]."""
+    column = mask[:step, block, branch].tolist()
+    computed = [i for i, c in enumerate(column) if c]
+    if not computed:
+        raise ValueError(f"entry (step {step}, block {block}, {BRANCHES[branch]}) reuses but nothing was computed before it")
+    s = computed[-1]
+    p = computed[-2] if len(computed) > 1 else None
+    return s, p
+
+
+def max_reuse_gap(mask: torch.Tensor) -> int:
+    """The largest t - s over reuse entries (0 when nothing is reused)."""
+    T, L, _ = mask.shape
+    gap = 0
+    last = torch.zeros(L, 2, dtype=torch.long)
+    for t in range(T):
+        gap = max(gap, int((t - last)[~mask[t]].max()) if bool((~mask[t]).any()) else 0)
+        last[mask[t]] = t
+    return gap

@@ -1,0 +1,47 @@
+"""One install for both packages: ``eoc_kernels`` (the ops) and ``eoc_dit`` (the DiT integration).
+
+The C++/CUDA extension ``eoc_kernels._C`` (sources in ``csrc/``) is optional: it is built only when
+``EOC_BUILD_EXT=1`` is set and ``csrc/`` holds sources, so a plain install never needs a compiler.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _optional_extensions():
+    if os.environ.get("EOC_BUILD_EXT", "0") != "1":
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if not sources and not cuda_sources:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    if cuda_sources and os.environ.get("EOC_BUILD_CUDA", "1") == "1":
+        ext = CUDAExtension("eoc_kernels._C", sources + cuda_sources)
+    else:
+        ext = CppExtension("eoc_kernels._C", sources)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _optional_extensions()
+
+setup(
+    name="eoc-kernels",
+    version="0.1.0",
+    description="Error-Optimized Cache (EOC) for Diffusion Transformers: fused kernels and DiT integration",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["eoc_kernels", "eoc_dit"],
+    package_dir={"eoc_kernels": "eoc_kernels", "eoc_dit": "python/eoc_dit"},
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
+    extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "triton"]},
+    entry_points={"console_scripts": ["eoc=eoc_dit.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

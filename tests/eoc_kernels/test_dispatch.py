@@ -1,0 +1,113 @@
+"""Backend selection: names, availability, $EOC_BACKEND, and registering a new backend."""
+
+import pytest
+import torch
+
+from eoc_kernels import available_backends, cached_branch, dispatch, resolve_backend
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def no_env_backend(monkeypatch):
+    monkeypatch.delenv("EOC_BACKEND", raising=False)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the backend registry, so a test may register backends freely."""
+    monkeypatch.setattr(dispatch, "_REGISTRY",
+                        {op: dict(impls) for op, impls in dispatch._REGISTRY.items()})
+    return dispatch._REGISTRY
+
+
+def branch_inputs():
+    x = torch.randn(2, 3, 4)
+    return x, torch.randn(2, 4), torch.randn(2, 3, 4)
+
+
+def test_torch_is_the_only_backend_today():
+    assert available_backends(CPU) == ["torch"]
+    assert available_backends("cpu", "cached_block") == ["torch"]
+    assert available_backends(torch.device("meta")) == ["torch"]
+    assert resolve_backend(None, CPU) == "torch"
+    assert resolve_backend("auto", CPU) == "torch"
+    assert resolve_backend("torch", CPU) == "torch"
+
+
+@pytest.mark.parametrize("value, expected", [("torch", "torch"), ("auto", "torch"),
+                                             (" Torch ", "torch"), ("", "torch")])
+def test_env_var_is_read(monkeypatch, value, expected):
+    monkeypatch.setenv("EOC_BACKEND", value)
+    assert resolve_backend(None, CPU) == expected
+
+
+def test_unknown_backend_lists_valid_names(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*auto, triton, cuda, cpp, torch"):
+        resolve_backend("tpu", CPU)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        cached_branch(*branch_inputs(), backend="tpu")
+    monkeypatch.setenv("EOC_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="unknown backend 'tpu' \\(from EOC_BACKEND\\)"):
+        cached_branch(*branch_inputs())
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda", "cpp"])
+def test_reserved_backend_is_unavailable(monkeypatch, name):
+    pattern = rf"backend '{name}' .*not available for device cpu; available: torch"
+    with pytest.raises(ValueError, match=pattern):
+        resolve_backend(name, CPU)
+    with pytest.raises(ValueError, match=pattern):
+        cached_branch(*branch_inputs(), backend=name)
+    monkeypatch.setenv("EOC_BACKEND", name)
+    with pytest.raises(ValueError, match=r"\(from EOC_BACKEND\) is not available"):
+        cached_branch(*branch_inputs())
+
+
+def test_backend_argument_overrides_env(monkeypatch):
+    monkeypatch.setenv("EOC_BACKEND", "triton")
+    assert resolve_backend("torch", CPU) == "torch"
+    assert resolve_backend("auto", CPU) == "torch"
+    monkeypatch.setenv("EOC_BACKEND", "no-such-backend")
+    out = cached_branch(*branch_inputs(), backend="torch")
+    assert out.shape == (2, 3, 4)
+
+
+def test_backend_must_be_a_string():
+    with pytest.raises(TypeError, match="backend must be a str"):
+        resolve_backend(1, CPU)
+
+
+def test_registered_backend_is_picked_and_dispatched(registry, monkeypatch):
+    calls = []
+
+    def fake_branch(x, gate, cache, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros_like(x)
+
+    dispatch.register_backend("cached_branch", "cpp", fake_branch,
+                              lambda device: device.type == "cpu")
+    # cpp implements cached_branch only: "auto" prefers it there, not for every op.
+    assert available_backends(CPU, "cached_branch") == ["cpp", "torch"]
+    assert available_backends(CPU) == ["torch"]
+    assert resolve_backend("auto", CPU, "cached_branch") == "cpp"
+    assert available_backends(torch.device("meta"), "cached_branch") == ["torch"]
+
+    x, gate, cache = branch_inputs()
+    assert torch.equal(cached_branch(x, gate, cache, token_threshold=0.5),
+                       torch.zeros_like(x))
+    assert calls and calls[0]["token_threshold"] == 0.5
+    monkeypatch.setenv("EOC_BACKEND", "torch")
+    assert not torch.equal(cached_branch(x, gate, cache), torch.zeros_like(x))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["auto", "tpu"])
+def test_register_rejects_non_backend_names(registry, name):
+    with pytest.raises(ValueError, match="cannot register backend"):
+        dispatch.register_backend("cached_branch", name, lambda *a, **k: None, lambda d: True)
+
+
+def test_unknown_op():
+    with pytest.raises(ValueError, match="unknown op 'cached_segment'"):
+        dispatch.get_impl("cached_segment", None, CPU)

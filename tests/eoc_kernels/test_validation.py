@@ -1,0 +1,135 @@
+"""Input checks of the public ops: the error type, and a message naming the argument.
+
+One table of bad inputs, written with the branch argument base names (gate, cache, prev, delta,
+trend, coef), runs against cached_branch and against both branches of cached_block.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from eoc_kernels import cached_block, cached_branch
+
+B, N, C = 4, 3, 8
+META = torch.device("meta")  # stands in for "another device" on a CPU-only machine
+
+OPS = {  # op name -> (function, branch-argument suffixes, positional argument names)
+    "cached_branch": (cached_branch, ("",), ("x", "gate", "cache")),
+    "cached_block": (cached_block, ("_attn", "_mlp"),
+                     ("x", "gate_attn", "gate_mlp", "cache_attn", "cache_mlp")),
+}
+CASES = [(op, suffix) for op, (_, suffixes, _) in OPS.items() for suffix in suffixes]
+
+
+def valid_args(op, dtype=torch.float32):
+    """Every argument of op, all valid: x, the branch arguments and token_threshold."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    args = {"x": randn(B, N, C), "token_threshold": torch.tensor(0.1)}
+    for suffix in OPS[op][1]:
+        args |= {f"gate{suffix}": randn(B, C), f"cache{suffix}": randn(B, N, C),
+                 f"prev{suffix}": randn(B, N, C), f"delta{suffix}": randn(2, N, C),
+                 f"trend{suffix}": randn(B, N, C), f"coef{suffix}": (0.5, 1, -0.25)}
+    return args
+
+
+def call(op, args):
+    fn, _, positional = OPS[op]
+    args = dict(args)
+    return fn(*[args.pop(name) for name in positional], **args)
+
+
+# (case id, branch argument base name, how to break its valid value, expected error)
+BRANCH_CASES = [
+    *[(f"{name}-shape", name, lambda t: t[..., :-1], ValueError)
+      for name in ("gate", "cache", "prev", "delta", "trend")],
+    *[(f"{name}-float64", name, lambda t: t.double(), TypeError)
+      for name in ("gate", "cache", "prev", "delta", "trend")],
+    *[(f"{name}-other-device", name, lambda t: t.to(META), ValueError)
+      for name in ("gate", "cache", "prev", "delta", "trend")],
+    ("gate-int", "gate", lambda t: t.to(torch.int32), TypeError),
+    ("cache-float16", "cache", lambda t: t.half(), TypeError),
+    ("cache-numpy", "cache", lambda t: t.numpy(), TypeError),
+    ("gate-missing-batch", "gate", lambda t: t[0], ValueError),
+    ("delta-heads-3", "delta", lambda t: torch.zeros(3, N, C), ValueError),
+    ("trend-heads-0", "trend", lambda t: torch.zeros(0, N, C), ValueError),
+    ("trend-2d", "trend", lambda t: t[0], ValueError),
+    ("coef-length-2", "coef", lambda c: c[:2], ValueError),
+    ("coef-length-4", "coef", lambda c: [*c, 0.0], ValueError),
+    ("coef-bool", "coef", lambda c: (True, 0.0, 0.0), TypeError),
+    ("coef-str", "coef", lambda c: "0.5", TypeError),
+    ("coef-tensor-entry", "coef", lambda c: (torch.tensor(0.5), 0.0, 0.0), TypeError),
+    ("coef-tensor-float64", "coef", lambda c: torch.tensor(c, dtype=torch.float64), TypeError),
+    ("coef-tensor-shape-1x3", "coef", lambda c: torch.tensor([c]), ValueError),
+    ("coef-tensor-shape-4", "coef", lambda c: torch.tensor([*c, 0.0]), ValueError),
+    ("coef-tensor-other-device", "coef", lambda c: torch.tensor(c, device=META), ValueError),
+]
+# (case id, argument name, bad value, expected error)
+SHARED_CASES = [
+    ("x-float64", "x", torch.zeros(B, N, C, dtype=torch.float64), TypeError),
+    ("x-int", "x", torch.zeros(B, N, C, dtype=torch.int64), TypeError),
+    ("x-2d", "x", torch.zeros(B * N, C), ValueError),
+    ("x-list", "x", [[[0.0] * C] * N] * B, TypeError),
+    ("x-numpy", "x", np.zeros((B, N, C), dtype=np.float32), TypeError),
+    ("threshold-2-elements", "token_threshold", torch.tensor([0.1, 0.2]), ValueError),
+    ("threshold-float64", "token_threshold", torch.tensor(0.1, dtype=torch.float64), TypeError),
+    ("threshold-other-device", "token_threshold", torch.tensor(0.1, device=META), ValueError),
+    ("threshold-str", "token_threshold", "0.1", TypeError),
+    ("threshold-bool", "token_threshold", True, TypeError),
+    ("threshold-none", "token_threshold", None, TypeError),
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_valid_inputs_pass(op, dtype):
+    args = valid_args(op, dtype)
+    assert call(op, args).shape == (B, N, C)
+    args |= {"token_threshold": 0.2}
+    args |= {f"coef{suffix}": torch.tensor([0.5, 1.0, -0.25]) for suffix in OPS[op][1]}
+    assert call(op, args).shape == (B, N, C)
+
+
+@pytest.mark.parametrize("case_id, base, breaks, error", BRANCH_CASES,
+                         ids=[case[0] for case in BRANCH_CASES])
+@pytest.mark.parametrize("op, suffix", CASES, ids=[f"{op}{suffix}" for op, suffix in CASES])
+def test_bad_branch_argument(op, suffix, case_id, base, breaks, error):
+    args = valid_args(op)
+    name = base + suffix
+    args[name] = breaks(args[name])
+    with pytest.raises(error, match=rf"^{op}: {name} "):
+        call(op, args)
+
+
+@pytest.mark.parametrize("case_id, name, bad, error", SHARED_CASES,
+                         ids=[case[0] for case in SHARED_CASES])
+@pytest.mark.parametrize("op", OPS)
+def test_bad_shared_argument(op, case_id, name, bad, error):
+    args = valid_args(op) | {name: bad}
+    with pytest.raises(error, match=rf"^{op}: {name} "):
+        call(op, args)
+
+
+def test_message_states_expected_and_given():
+    args = valid_args("cached_block")
+    args["gate_attn"] = args["gate_attn"][:, :-1]
+    expected = "cached_block: gate_attn must have shape [B, C] = [4, 8], got [4, 7]"
+    with pytest.raises(ValueError) as info:
+        call("cached_block", args)
+    assert str(info.value) == expected
+
+
+def test_message_explains_head_count():
+    args = valid_args("cached_branch") | {"delta": torch.zeros(3, N, C)}
+    with pytest.raises(ValueError, match=r"delta must have shape \[H, N, C\] = \[H, 3, 8\] "
+                                         r"with H dividing B = 4, got \[3, 3, 8\]"):
+        call("cached_branch", args)
+
+
+def test_mismatched_dtype_names_both():
+    args = valid_args("cached_branch") | {"x": torch.zeros(B, N, C, dtype=torch.bfloat16)}
+    with pytest.raises(TypeError, match=r"gate must have dtype torch\.bfloat16 .*got torch\.float32"):
+        call("cached_branch", args)
