@@ -28,3 +28,12 @@ TOLERANCES = {
 def tolerance():
     """tolerance(dtype) -> dict(atol=..., rtol=...) for torch.testing.assert_close."""
     return TOLERANCES.__getitem__
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """Test tensors are tiny: intra-op threads only cost, and they spin badly on a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -17,18 +18,34 @@ import torch
 SCHEDULE_HELP = "'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps)"
 
 
-def _int_list(values: list[str]) -> list[int]:
-    """'0 1 2', '0,1,2' and '0-9' (inclusive) all work."""
+_RANGE = re.compile(r"^(-?\d+)-(-?\d+)$")
+
+
+def _int_list(values: list[str], option: str = "value") -> list[int]:
+    """'0 1 2', '0,1,2' and '0-9' (inclusive) all work; '-3--1' is the range -3..-1.
+
+    Raises ValueError, naming ``option``, for a part that is neither an int nor a range LO-HI, for a range
+    with HI < LO (it would silently be empty) and for a list that holds no number at all.
+    """
     out = []
     for value in values:
         for part in value.split(","):
+            part = part.strip()
             if not part:
                 continue
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else part[1:].split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
+            match = _RANGE.match(part)
+            if match:
+                lo, hi = int(match[1]), int(match[2])
+                if hi < lo:
+                    raise ValueError(f"{option}: the range {part!r} is empty (write LO-HI with LO <= HI)")
+                out.extend(range(lo, hi + 1))
+                continue
+            try:
                 out.append(int(part))
+            except ValueError:
+                raise ValueError(f"{option}: {part!r} is neither an integer nor a range LO-HI") from None
+    if not out:
+        raise ValueError(f"{option}: no numbers given in {' '.join(values)!r}")
     return out
 
 
@@ -53,9 +70,22 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=16)
 
 
+def _check_device(text: str) -> None:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:0)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text!r}: CUDA is not available in this PyTorch build or on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _load_model(args):
     from .models import DiT_models, load_dit
 
+    _check_device(args.device)
     if args.checkpoint:
         return load_dit(args.checkpoint, args.model, map_location=args.device)
     if args.model is None:
@@ -95,7 +125,7 @@ def _check_writable(path: str) -> None:
 
 
 def _pairs(args):
-    labels, seeds = _int_list(args.labels), _int_list(args.seeds)
+    labels, seeds = _int_list(args.labels, "--labels"), _int_list(args.seeds, "--seeds")
     return [(label, seed) for label in labels for seed in seeds]
 
 
@@ -103,10 +133,11 @@ def cmd_calibrate(args) -> None:
     from .prior import STORAGE_DTYPES, calibrate
 
     _check_writable(args.out)
+    labels, seeds = _int_list(args.labels, "--labels"), _int_list(args.seeds, "--seeds")  # before the model loads
     model = _load_model(args)
     sampler = _make_sampler(args)
     start = time.perf_counter()
-    prior = calibrate(model, sampler, _int_list(args.labels), _int_list(args.seeds), cfg_scale=args.cfg_scale,
+    prior = calibrate(model, sampler, labels, seeds, cfg_scale=args.cfg_scale,
                       max_gap=args.max_gap, holdout=args.holdout, progress=True, batch_size=args.batch_size)
     prior.save(args.out, dtype=STORAGE_DTYPES[args.dtype])
     print(f"{prior} written to {args.out} in {time.perf_counter() - start:.1f} s")
@@ -120,12 +151,30 @@ def cmd_sample(args) -> None:
     _check_writable(args.out)
     if not args.out.endswith((".npy", ".png")):
         raise ValueError(f"--out must end with .npy or .png, got {args.out!r}")
-    model = _load_model(args)
-    sampler = _make_sampler(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # Everything that can be checked without running the model fails here, before any progress bar.
     schedule = _parse_schedule(args.schedule)
     config = None if args.mode == "none" else EOCConfig(mode=args.mode, theta=args.theta)
-    prior = Prior.load(args.prior, device="cpu") if args.prior else None
+    if config is not None and config.needs_prior and not args.prior:
+        raise ValueError(f"--mode {args.mode} needs --prior (a file from 'eoc calibrate'); --mode extrapolate needs none")
     pairs = _pairs(args)
+    prior = Prior.load(args.prior, device="cpu") if args.prior else None
+    if prior is not None:
+        if prior.num_steps != args.steps:
+            raise ValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
+        if prior.uses_cfg != (args.cfg_scale > 1.0):
+            raise ValueError(f"cfg mismatch: the prior {args.prior} was calibrated with cfg_scale={prior.cfg_scale}, "
+                             f"--cfg-scale is {args.cfg_scale} (CFG must be on, > 1, or off, 1, in both)")
+    model = _load_model(args)
+    sampler = _make_sampler(args)
+    num_classes = getattr(model, "num_classes", None)
+    bad = sorted({label for label, _ in pairs if num_classes is not None and not 0 <= label < num_classes})
+    if bad:
+        raise ValueError(f"--labels must lie in [0, {num_classes}), got {bad}")
+    if args.out.endswith(".png") and getattr(model, "in_channels", 1) not in (1, 3):
+        raise ValueError(f"--out {args.out}: a PNG grid needs a 1- or 3-channel model, this one has "
+                         f"{model.in_channels} channels (write .npy instead)")
     outputs = []
     start = time.perf_counter()
     with apply_eoc(model, schedule, prior=prior, config=config):

@@ -273,6 +273,9 @@ def _check_inputs(model, noise, labels, cfg_scale, generator) -> float:
         raise ValueError(f"labels must have shape [{noise.shape[0]}] (one per noise sample), got {tuple(labels.shape)}")
     if labels.device != noise.device:
         raise ValueError(f"labels must be on the device of noise ({noise.device}), got {labels.device}")
+    parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    if parameter is not None and parameter.device != noise.device:
+        raise ValueError(f"noise must be on the model's device ({parameter.device}), got {noise.device}")
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
     if cfg_scale < 1.0:

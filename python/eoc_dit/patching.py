@@ -88,6 +88,9 @@ class EOCHandle:
         if self.num_blocks == 0:
             raise ValueError("model has no blocks to cache")
 
+        if config is not None and config.backend != "auto":  # an unavailable backend fails now, not mid-run
+            parameter = next(model.parameters(), None)
+            eoc_kernels.resolve_backend(config.backend, parameter.device if parameter is not None else "cpu")
         self._fixed_num_steps = schedule.fixed_num_steps
         if prior is not None:
             prior.check_model(model, num_blocks=self.num_blocks)

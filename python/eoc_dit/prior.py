@@ -12,7 +12,7 @@
        cross_trend  E<F[t] − F[s], F[s]⊙E>,   sq_trend   E||F[s]⊙E||² [T, L, 2, G]
        cross_extrap E<F[t] − F[s], F[s] − F[s−g2]>                    [T, L, 2, G, G]
    with D = A[t] − A[s] and E = clamp(D / (|A[s]| + trend_eps), −1, 1). Entries whose steps fall
-   before 0 are NaN. Only the recent 2·max_gap steps of the batch are held (never a whole run).
+   before 0 are NaN. Only the recent 2·max_gap + 1 steps of the batch are held (never a whole run).
 
 A prior is stored as one safetensors file (no pickle): ``mean`` in fp16/bf16/fp32 and the fp32
 statistics, plus JSON metadata that ``Prior.load`` and ``apply_eoc`` validate.
@@ -59,9 +59,13 @@ class PriorMetadata:
 
     _INT_FIELDS = ("num_steps", "num_samples", "num_holdout", "max_gap", "num_tokens", "width", "num_blocks",
                    "num_halves", "format_version")
+    _FLOAT_FIELDS = ("cfg_scale", "trend_eps")
+    _STR_FIELDS = ("model_fingerprint", "sampler")
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> PriorMetadata:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: prior metadata must be a JSON object, got {type(data).__name__}")
         missing = [f for f in cls.__dataclass_fields__ if f not in data]
         if missing:
             raise ValueError(f"{source}: prior metadata lacks {', '.join(missing)}")
@@ -70,6 +74,12 @@ class PriorMetadata:
         for name in cls._INT_FIELDS:
             if not isinstance(data[name], int) or isinstance(data[name], bool):
                 raise ValueError(f"{source}: prior metadata field {name} must be an int, got {data[name]!r}")
+        for name in cls._FLOAT_FIELDS:
+            if not isinstance(data[name], (int, float)) or isinstance(data[name], bool):
+                raise ValueError(f"{source}: prior metadata field {name} must be a number, got {data[name]!r}")
+        for name in cls._STR_FIELDS:
+            if not isinstance(data[name], str):
+                raise ValueError(f"{source}: prior metadata field {name} must be a string, got {data[name]!r}")
         return cls(**{f: data[f] for f in cls.__dataclass_fields__})
 
 
@@ -119,6 +129,8 @@ class Prior:
     # ------------------------------------------------------------------ compatibility
     def check_model(self, model: nn.Module, *, num_blocks: int | None = None) -> None:
         """Raise ValueError, naming the field and both values, if this prior was not made for ``model``."""
+        if num_blocks is None:
+            num_blocks = getattr(model, "depth", None)
         checks = [("num_blocks", self.num_blocks, num_blocks),
                   ("num_tokens", self.num_tokens, getattr(model, "num_tokens", None)),
                   ("width", self.width, getattr(model, "hidden_size", None)),

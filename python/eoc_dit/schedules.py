@@ -112,13 +112,3 @@ def source_steps(mask: torch.Tensor, step: int, block: int, branch: int) -> tupl
     p = computed[-2] if len(computed) > 1 else None
     return s, p
 
-
-def max_reuse_gap(mask: torch.Tensor) -> int:
-    """The largest t - s over reuse entries (0 when nothing is reused)."""
-    T, L, _ = mask.shape
-    gap = 0
-    last = torch.zeros(L, 2, dtype=torch.long)
-    for t in range(T):
-        gap = max(gap, int((t - last)[~mask[t]].max()) if bool((~mask[t]).any()) else 0)
-        last[mask[t]] = t
-    return gap

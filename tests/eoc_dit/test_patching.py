@@ -324,3 +324,14 @@ def test_schedule_gap_beyond_prior_max_gap(model, prior):
         apply_eoc(model, FORASchedule(6), prior, EOCConfig(mode="delta"))
     # Without the judgment no statistics are needed, so the same schedule is accepted.
     apply_eoc(model, FORASchedule(6), prior, EOCConfig(mode="delta", min_gain=None)).remove()
+
+
+def test_unavailable_backend_fails_at_patch_time(model):
+    with pytest.raises(ValueError, match="triton.*not available"):
+        apply_eoc(model, FORASchedule(2), config=EOCConfig(mode="extrapolate", backend="triton"))
+    assert not hasattr(model, "_eoc_handle")
+
+
+def test_sampler_refuses_noise_on_another_device(model):
+    with pytest.raises(ValueError, match="noise must be on the model's device"):
+        DDIMSampler(STEPS).sample(model, torch.randn(1, 1, 8, 8, device="meta"), torch.tensor([0], device="meta"))

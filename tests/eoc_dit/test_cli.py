@@ -1,0 +1,378 @@
+"""The ``eoc`` command line: ``eoc_dit.cli.main`` in-process, and the installed console script once.
+
+The model is a random-init DiT-S/8 on 16×16×1 inputs (4 tokens, 4 classes, 3 DDIM steps): small enough
+that calibration takes about a second. Its init zeroes adaLN (every block is the identity), so the
+tests that compare outputs use a checkpoint of the same config with every weight re-drawn.
+"""
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from eoc_dit import DDIMSampler, DiT_models, Prior, load_dit, noise_for_seed
+from eoc_dit.cli import _int_list, main
+from eoc_dit.images import image_grid
+from tests.eoc_dit.test_images import decode_png
+
+MODEL = ["--model", "DiT-S/8", "--input-size", "16", "--in-channels", "1", "--num-classes", "4"]
+RUN = ["--steps", "3", "--labels", "0-1", "--seeds", "0", "1"]
+NUM_PAIRS = 4
+
+
+def _ok(capsys, argv):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "Traceback" not in err
+    return out, err
+
+
+def _fails(capsys, argv, match=None):
+    """main(argv) returns 2 and prints exactly one line, 'eoc <cmd>: error: ...', to stderr."""
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.splitlines()  # splits on the '\r' of a progress bar too
+    assert len(lines) == 1, f"expected one line on stderr, got {err!r}"
+    assert lines[0].startswith(f"eoc {argv[0]}: error: "), lines[0]
+    assert "Traceback" not in err
+    if match is not None:
+        assert re.search(match, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def prior_path(tmp_path_factory):
+    """A 3-step CFG prior made by `eoc calibrate` (the calibrate test checks its contents)."""
+    path = tmp_path_factory.mktemp("prior") / "p.safetensors"
+    argv = ["calibrate", *MODEL, *RUN, "--holdout", "0.5", "--max-gap", "2", "--cfg-scale", "2", "--out", str(path)]
+    assert main(argv) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory):
+    """A DiT-S/8 state dict (16×16×1, 4 classes) whose weights are all random, so blocks do something."""
+    torch.manual_seed(0)
+    model = DiT_models["DiT-S/8"](input_size=16, in_channels=1, num_classes=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue  # the frozen position embedding
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+            else:
+                p.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "dit.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- help
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: eoc")
+    assert "calibrate" in out and "sample" in out
+
+
+@pytest.mark.parametrize("command", ["calibrate", "sample"])
+def test_subcommand_help(capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: eoc {command}")
+    for option in ("--model", "--checkpoint", "--steps", "--cfg-scale", "--labels", "--seeds", "--out"):
+        assert option in out
+    if command == "sample":
+        assert "--schedule" in out and "--mode" in out and "--prior" in out
+    else:
+        assert "--max-gap" in out and "--holdout" in out
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", *MODEL])  # --out is required
+    assert exc.value.code == 2
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", *MODEL, "--mode", "calibrated", "--out", "x.npy"])
+    assert exc.value.code == 2
+
+
+def test_console_script_is_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "eoc")
+    if not os.path.exists(script):
+        script = shutil.which("eoc")
+    assert script is not None, "the 'eoc' console script is not installed"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: eoc")
+    assert "calibrate" in result.stdout and "sample" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+def test_calibrate_writes_a_loadable_prior(prior_path, capsys):
+    prior = Prior.load(prior_path)
+    assert prior.num_steps == 3
+    assert prior.cfg_scale == 2.0
+    assert prior.num_halves == 2 and prior.uses_cfg
+    assert prior.max_gap == 2
+    assert prior.num_samples + prior.num_holdout == NUM_PAIRS
+    assert prior.num_samples == 2 and prior.num_holdout == 2
+    assert prior.num_blocks == 12 and prior.num_tokens == 4 and prior.width == 384
+    assert prior.sampler == "ddim"
+    assert prior.mean.dtype == torch.float16  # the default --dtype
+
+
+def test_calibrate_float32_and_message(tmp_path, capsys):
+    path = tmp_path / "p32.safetensors"
+    out, _ = _ok(capsys, ["calibrate", *MODEL, "--steps", "2", "--labels", "0", "--seeds", "0",
+                          "--holdout", "0", "--max-gap", "1", "--dtype", "float32", "--out", str(path)])
+    assert f"written to {path}" in out
+    prior = Prior.load(path)
+    assert prior.mean.dtype == torch.float32
+    assert (prior.num_steps, prior.num_halves, prior.num_samples, prior.num_holdout) == (2, 1, 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------- sample
+def test_sample_extrapolate_npy_and_png(tmp_path, capsys):
+    npy, png = tmp_path / "s.npy", tmp_path / "s.png"
+    args = ["sample", *MODEL, *RUN, "--schedule", "fora:2", "--mode", "extrapolate"]
+    out, _ = _ok(capsys, [*args, "--out", str(npy)])
+    samples = np.load(npy)
+    assert samples.shape == (NUM_PAIRS, 1, 16, 16) and samples.dtype == np.float32
+    assert np.isfinite(samples).all()
+    assert f"{NUM_PAIRS} samples" in out and "extrapolate" in out and str(npy) in out
+
+    _ok(capsys, [*args, "--out", str(png)])
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert (length, kind) == (13, b"IHDR")
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (NUM_PAIRS * (16 + 2) + 2, 16 + 2 + 2)  # one row of 4, padding 2
+    assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(data[12:29]) & 0xFFFFFFFF
+    pixels, header = decode_png(data)  # every chunk CRC, the inflated rows
+    assert header["color"] == 0
+    assert torch.equal(pixels, image_grid(torch.from_numpy(samples)))
+
+
+def test_sample_delta_with_prior(prior_path, tmp_path, capsys):
+    path = tmp_path / "d.npy"
+    out, _ = _ok(capsys, ["sample", *MODEL, *RUN, "--schedule", "fora:2", "--mode", "delta", "--prior", str(prior_path),
+                          "--cfg-scale", "2", "--out", str(path)])
+    assert np.load(path).shape == (NUM_PAIRS, 1, 16, 16)
+    assert "delta" in out
+
+
+def test_sample_trend_with_prior_and_theta(prior_path, tmp_path, capsys):
+    path = tmp_path / "t.npy"
+    _ok(capsys, ["sample", *MODEL, *RUN, "--schedule", "fora:2:1", "--mode", "trend", "--theta", "0.5",
+                 "--prior", str(prior_path), "--cfg-scale", "2", "--batch-size", "3", "--out", str(path)])
+    assert np.load(path).shape == (NUM_PAIRS, 1, 16, 16)
+
+
+def test_sample_schedule_none_runs(tmp_path, capsys):
+    path = tmp_path / "n.npy"
+    out, _ = _ok(capsys, ["sample", *MODEL, *RUN, "--schedule", "none", "--out", str(path)])
+    assert np.load(path).shape == (NUM_PAIRS, 1, 16, 16)
+    assert "caching level 0.00" in out
+
+
+def test_checkpoint_schedule_none_equals_uncached_sampling(checkpoint_path, tmp_path, capsys):
+    """With a real (non-identity) model: --schedule none is the plain sampler; fora:2 changes the result;
+    --batch-size does not."""
+    none, fora, small = tmp_path / "none.npy", tmp_path / "fora.npy", tmp_path / "small.npy"
+    base = ["sample", "--checkpoint", str(checkpoint_path), *RUN, "--cfg-scale", "1.5"]
+    _ok(capsys, [*base, "--schedule", "none", "--out", str(none)])
+    _ok(capsys, [*base, "--schedule", "fora:2", "--out", str(fora)])
+    _ok(capsys, [*base, "--schedule", "none", "--batch-size", "1", "--out", str(small)])
+
+    model = load_dit(checkpoint_path)
+    pairs = [(label, seed) for label in (0, 1) for seed in (0, 1)]
+    noise = torch.cat([noise_for_seed(model, seed) for _, seed in pairs])
+    labels = torch.tensor([label for label, _ in pairs])
+    reference = DDIMSampler(3).sample(model, noise, labels, cfg_scale=1.5).numpy()
+    assert np.isfinite(reference).all()
+    # Three DDIM steps of a random model: x0 = (x - sqrt(1 - a)·eps) / sqrt(a) reaches hundreds.
+    np.testing.assert_allclose(np.load(none), reference, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(np.load(small), reference, rtol=1e-5, atol=1e-3)  # other matmul shapes
+    assert np.abs(np.load(fora) - reference).max() > 2e-2  # caching really happened (~0.05; batching noise ~3e-4)
+
+
+def test_checkpoint_and_a_prior_made_from_it(checkpoint_path, tmp_path, capsys):
+    prior = tmp_path / "ck.safetensors"
+    _ok(capsys, ["calibrate", "--checkpoint", str(checkpoint_path), "--steps", "3", "--labels", "0", "--seeds", "0", "1",
+                 "--holdout", "0.5", "--max-gap", "2", "--out", str(prior)])
+    out = tmp_path / "ck.npy"
+    _ok(capsys, ["sample", "--checkpoint", str(checkpoint_path), "--model", "DiT-S/8", "--steps", "3", "--labels", "0",
+                 "--seeds", "5", "--schedule", "fora:2", "--mode", "delta", "--prior", str(prior), "--out", str(out)])
+    assert np.load(out).shape == (1, 1, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+SAMPLE = ["sample", *MODEL, *RUN]
+
+
+@pytest.mark.parametrize("schedule", ["fora:x", "foo", "fora", "fora:2:1:1", "fora:0", "fora:2:-1", ""])
+def test_bad_schedule(capsys, tmp_path, schedule):
+    _fails(capsys, [*SAMPLE, "--schedule", schedule, "--out", str(tmp_path / "s.npy")])
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_bad_schedule_names_the_option(capsys, tmp_path):
+    _fails(capsys, [*SAMPLE, "--schedule", "fora:x", "--out", str(tmp_path / "s.npy")], match="--schedule.*'fora:x'")
+
+
+@pytest.mark.parametrize("mode", ["trend", "delta"])
+def test_prior_mode_without_prior(capsys, tmp_path, mode):
+    _fails(capsys, [*SAMPLE, "--schedule", "fora:2", "--mode", mode, "--out", str(tmp_path / "s.npy")], match="prior")
+
+
+def test_missing_prior_file(capsys, tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    _fails(capsys, [*SAMPLE, "--mode", "delta", "--prior", str(missing), "--out", str(tmp_path / "s.npy")],
+           match="not found")
+
+
+def test_corrupt_prior_file(capsys, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(os.urandom(256))
+    _fails(capsys, [*SAMPLE, "--mode", "delta", "--prior", str(bad), "--out", str(tmp_path / "s.npy")])
+
+
+@pytest.mark.parametrize("command", ["sample", "calibrate"])
+def test_output_folder_missing(capsys, tmp_path, command):
+    out = tmp_path / "no" / "such" / ("s.npy" if command == "sample" else "p.safetensors")
+    _fails(capsys, [command, *MODEL, *RUN, "--out", str(out)], match="cannot write")
+
+
+def test_output_folder_is_a_file(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    _fails(capsys, [*SAMPLE, "--out", str(tmp_path / "file" / "s.npy")], match="cannot write")
+
+
+def test_output_folder_not_writable(capsys, tmp_path, monkeypatch):
+    # Root (as on CI) can write into a read-only folder, so the permission answer is simulated.
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if os.fspath(path) == str(folder) else real_access(path, mode))
+    _fails(capsys, [*SAMPLE, "--out", str(folder / "s.npy")], match="not writable")
+
+
+@pytest.mark.parametrize("name", ["s.jpg", "s", "s.NPY.txt"])
+def test_bad_output_extension(capsys, tmp_path, name):
+    _fails(capsys, [*SAMPLE, "--out", str(tmp_path / name)], match=r"\.npy or \.png")
+
+
+@pytest.mark.parametrize("command", ["sample", "calibrate"])
+def test_no_model_and_no_checkpoint(capsys, tmp_path, command):
+    _fails(capsys, [command, *RUN, "--out", str(tmp_path / "s.npy")], match="--checkpoint")
+
+
+def test_unknown_model_name(capsys, tmp_path):
+    _fails(capsys, ["sample", "--model", "DiT-Q/3", *RUN, "--out", str(tmp_path / "s.npy")], match="DiT-Q/3")
+
+
+def test_prior_steps_mismatch(prior_path, capsys, tmp_path):
+    argv = ["sample", *MODEL, "--steps", "4", "--labels", "0", "--seeds", "0", "--schedule", "fora:2",
+            "--mode", "delta", "--prior", str(prior_path), "--cfg-scale", "2", "--out", str(tmp_path / "s.npy")]
+    _fails(capsys, argv, match="num_steps mismatch.*3.*4")
+
+
+def test_prior_cfg_mismatch(prior_path, capsys, tmp_path):
+    argv = ["sample", *MODEL, "--steps", "3", "--labels", "0", "--seeds", "0", "--schedule", "fora:2",
+            "--mode", "delta", "--prior", str(prior_path), "--out", str(tmp_path / "s.npy")]  # --cfg-scale 1
+    _fails(capsys, argv, match="cfg mismatch")
+
+
+def test_prior_model_mismatch(prior_path, capsys, tmp_path):
+    argv = ["sample", "--model", "DiT-S/4", "--input-size", "16", "--in-channels", "1", "--num-classes", "4",
+            "--steps", "3", "--labels", "0", "--seeds", "0", "--mode", "delta", "--prior", str(prior_path),
+            "--cfg-scale", "2", "--out", str(tmp_path / "s.npy")]
+    _fails(capsys, argv, match="mismatch")
+
+
+@pytest.mark.parametrize("command", ["sample", "calibrate"])
+def test_corrupt_checkpoint(capsys, tmp_path, command):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    _fails(capsys, [command, "--checkpoint", str(bad), *RUN, "--out", str(tmp_path / "s.npy")], match="bad.pt")
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    _fails(capsys, [*SAMPLE[:1], "--checkpoint", str(tmp_path / "none.pt"), *RUN, "--out", str(tmp_path / "s.npy")],
+           match="not found")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--labels", "7"], r"--labels must lie in \[0, 4\)"),
+    (["--labels", "3-1"], "--labels.*empty"),
+    (["--labels", "a"], "--labels.*'a'"),
+    (["--seeds", ","], "--seeds.*no numbers"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--device", "nonsense"], "--device 'nonsense'"),
+    (["--steps", "0"], "num_steps"),
+    (["--input-size", "15"], "divisible"),
+    (["--mode", "extrapolate", "--theta", "nan"], "theta"),
+])
+def test_other_sample_errors(capsys, tmp_path, extra, match):
+    _fails(capsys, [*SAMPLE, *extra, "--out", str(tmp_path / "s.npy")], match=match)
+    assert not (tmp_path / "s.npy").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(capsys, tmp_path):
+    _fails(capsys, [*SAMPLE, "--device", "cuda", "--out", str(tmp_path / "s.npy")], match="CUDA is not available")
+
+
+def test_png_of_a_4_channel_model_fails_before_sampling(capsys, tmp_path):
+    argv = ["sample", "--model", "DiT-S/8", "--input-size", "16", "--in-channels", "4", "--num-classes", "4",
+            *RUN, "--out", str(tmp_path / "s.png")]
+    _fails(capsys, argv, match="1- or 3-channel")
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--labels", "9"], r"labels must lie in \[0, 4\)"),
+    (["--holdout", "0.1", "--labels", "0", "--seeds", "0"], "holdout"),
+    (["--max-gap", "0"], "max_gap"),
+    (["--cfg-scale", "0.5"], "cfg_scale"),
+])
+def test_calibrate_errors(capsys, tmp_path, extra, match):
+    _fails(capsys, ["calibrate", *MODEL, *RUN, *extra, "--out", str(tmp_path / "p.safetensors")], match=match)
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------- _int_list
+@pytest.mark.parametrize("values, expected", [
+    (["0-3"], [0, 1, 2, 3]),
+    (["1,2"], [1, 2]),
+    (["0", "5-6"], [0, 5, 6]),
+    (["0 "], [0]),
+    (["3-3"], [3]),
+    (["1,", ",2"], [1, 2]),
+    (["-2"], [-2]),
+    (["-3--1"], [-3, -2, -1]),
+    (["-1-1"], [-1, 0, 1]),
+    (["2,0-1", "2"], [2, 0, 1, 2]),  # order and repeats are kept
+])
+def test_int_list(values, expected):
+    assert _int_list(values) == expected
+
+
+@pytest.mark.parametrize("values", [["3-1"], ["a"], ["1-a"], ["1.5"], ["1--"], [","], [""], ["0-1-2"]])
+def test_int_list_rejects(values):
+    with pytest.raises(ValueError):
+        _int_list(values, "--labels")

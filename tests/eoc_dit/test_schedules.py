@@ -1,0 +1,95 @@
+"""FORA and mask schedules, source steps and EOCConfig presets (DESIGN §2)."""
+
+import pytest
+import torch
+
+from eoc_dit import EOCConfig, FORASchedule, MaskSchedule
+from eoc_dit.schedules import source_steps
+
+
+def test_fora_mask_pattern():
+    mask = FORASchedule(3).mask(8, 2)
+    assert mask.shape == (8, 2, 2) and mask.dtype == torch.bool
+    assert mask[:, 0, 0].tolist() == [True, False, False, True, False, False, True, False]
+    assert (mask == mask[:, :1, :1]).all()  # every block and branch follows the step
+
+
+def test_fora_warmup_counts_from_warmup():
+    assert FORASchedule(3, warmup=2).mask(9, 1)[:, 0, 0].tolist() == [True, True, True, False, False, True, False, False, True]
+
+
+def test_fora_caching_level():
+    assert FORASchedule(4).caching_level == pytest.approx(0.75)
+    # Over 20 steps interval 3 computes steps 0, 3, ..., 18: 7 of 20.
+    assert FORASchedule(3).caching_level_for(20, 5) == pytest.approx(13 / 20)
+    assert FORASchedule(1).caching_level_for(20, 5) == 0.0
+
+
+def test_mask_schedule():
+    mask = torch.ones(4, 3, 2, dtype=torch.bool)
+    mask[2, 1, 0] = False
+    schedule = MaskSchedule(mask)
+    assert schedule.caching_level == pytest.approx(1 / 24)
+    assert schedule.fixed_num_steps == 4
+    assert torch.equal(schedule.mask(4, 3), mask)
+    mask[3] = False  # the schedule keeps its own copy
+    assert schedule.mask(4, 3)[3].all()
+
+
+def test_source_steps():
+    mask = FORASchedule(3).mask(8, 1)
+    assert source_steps(mask, 2, 0, 0) == (0, None)
+    assert source_steps(mask, 4, 0, 1) == (3, 0)
+    assert source_steps(mask, 7, 0, 0) == (6, 3)
+    with pytest.raises(ValueError, match="nothing was computed"):
+        source_steps(torch.zeros(3, 1, 2, dtype=torch.bool), 2, 0, 0)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    ((0,), ValueError, "interval"), ((2.0,), TypeError, "interval"), ((2, -1), ValueError, "warmup"),
+    ((True,), TypeError, "interval"),
+])
+def test_fora_bad_arguments(args, error, match):
+    with pytest.raises(error, match=match):
+        FORASchedule(*args)
+
+
+def test_mask_schedule_bad_arguments():
+    with pytest.raises(TypeError, match="mask"):
+        MaskSchedule([[True, True]])
+    with pytest.raises(TypeError, match="bool"):
+        MaskSchedule(torch.ones(3, 2, 2))
+    with pytest.raises(ValueError, match=r"\[T, L, 2\]"):
+        MaskSchedule(torch.ones(3, 2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask\\[0\\]"):
+        MaskSchedule(torch.zeros(3, 2, 2, dtype=torch.bool))
+    schedule = MaskSchedule(torch.ones(3, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="step count mismatch.*3.*5"):
+        schedule.mask(5, 2)
+    with pytest.raises(ValueError, match="block count mismatch.*2.*4"):
+        schedule.mask(3, 4)
+
+
+def test_presets_coefficients():
+    assert EOCConfig(mode="delta", theta=0.5).coefficients(5, 3, 0) == (0.5, 0.0, 0.0)
+    assert EOCConfig(mode="trend", theta=0.2).coefficients(5, 3, 0) == (0.0, 0.0, 0.2)
+    # extrapolate: β = θ (t − s) / (s − p)
+    assert EOCConfig(mode="extrapolate", theta=1.0).coefficients(5, 3, 0) == (0.0, pytest.approx(2 / 3), 0.0)
+    assert EOCConfig(mode="extrapolate").coefficients(2, 0, None) == (0.0, 0.0, 0.0)  # no earlier compute step
+    assert EOCConfig(mode="trend").effective_theta == 0.2 and EOCConfig(mode="delta").effective_theta == 1.0
+    assert EOCConfig(mode="trend").needs_prior and not EOCConfig(mode="extrapolate").needs_prior
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(mode="calibrated"), ValueError, "not available yet"),
+    (dict(mode="bogus"), ValueError, "mode"),
+    (dict(theta="1"), TypeError, "theta"),
+    (dict(theta=float("nan")), TypeError, "theta"),
+    (dict(judge_threshold=-0.1), ValueError, "judge_threshold"),
+    (dict(min_gain=True), TypeError, "min_gain"),
+    (dict(token_threshold=None), TypeError, "token_threshold"),
+    (dict(backend="cuda-graph"), ValueError, "backend"),
+])
+def test_config_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EOCConfig(**kwargs)
