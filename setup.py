@@ -37,7 +37,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["eoc_kernels", "eoc_dit"],
+    packages=["eoc_kernels", "eoc_kernels.triton", "eoc_dit"],
     package_dir={"eoc_kernels": "eoc_kernels", "eoc_dit": "python/eoc_dit"},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
     extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "triton"]},

@@ -3,10 +3,16 @@
 The ops of DESIGN §3 behind one dispatcher; ``reference`` is the eager ground truth.
 """
 
+import importlib.util
+
 from . import reference
 from .dispatch import available_backends, resolve_backend
-from .ops import cached_block, cached_branch
+from .ops import cached_block, cached_branch, cached_segment
+
+if importlib.util.find_spec("triton") is not None:  # the package works without triton
+    from . import triton as _triton_backend  # noqa: F401  (registers the "triton" backend)
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "cached_block", "cached_branch", "reference", "resolve_backend"]
+__all__ = ["available_backends", "cached_block", "cached_branch", "cached_segment", "reference",
+           "resolve_backend"]

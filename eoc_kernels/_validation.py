@@ -10,6 +10,7 @@ import numbers
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)  # cached_segment's generation
 
 
 def _fmt_shape(shape):
@@ -52,14 +53,21 @@ def _check_like_x(op, name, tensor, x, layout, shape):
         raise _shape_error(op, name, f"{layout} = {_fmt_shape(shape)}", tensor)
 
 
-def _check_per_head(op, name, tensor, x):
-    """tensor must be [H, N, C] like x, with H dividing B (row b uses entry b // (B // H))."""
+def _check_per_head(op, name, tensor, x, lead=(), lead_layout=()):
+    """tensor must be lead + [H, N, C] like x, with H dividing B (row b uses entry b // (B // H)).
+
+    lead: the sizes of leading entry dimensions, named by lead_layout (e.g. (S, 2), ("S", "2")).
+    """
     _check_dtype_device(op, name, tensor, x)
     batch, tokens, channels = x.shape
-    heads = tensor.shape[0] if tensor.dim() == 3 else 0
-    if tensor.shape[1:] != x.shape[1:] or heads == 0 or batch % heads != 0:
-        raise _shape_error(op, name, f"[H, N, C] = [H, {tokens}, {channels}] with H dividing "
-                                     f"B = {batch}", tensor)
+    rank = len(lead) + 3
+    heads = tensor.shape[len(lead)] if tensor.dim() == rank else 0
+    if (tensor.dim() != rank or tuple(tensor.shape[:len(lead)]) != tuple(lead)
+            or tensor.shape[len(lead) + 1:] != x.shape[1:] or heads == 0 or batch % heads != 0):
+        layout = ", ".join([*lead_layout, "H", "N", "C"])
+        sizes = ", ".join(str(size) for size in [*lead, "H", tokens, channels])
+        raise _shape_error(op, name, f"[{layout}] = [{sizes}] with H dividing B = {batch}",
+                           tensor)
 
 
 def _check_parameter_tensor(op, name, tensor, device, shapes, layout):
@@ -118,3 +126,30 @@ def check_token_threshold(op, token_threshold, device):
     elif not _is_number(token_threshold):
         raise TypeError(f"{op}: token_threshold must be a Python number or a float32 tensor with "
                         f"one element, got {type(token_threshold).__name__}")
+
+
+def check_segment(op, x, *, gates, cache, generation, delta, trend, coef):
+    """Checks the arguments of cached_segment; S and G are read from cache."""
+    batch, tokens, channels = x.shape
+    _check_dtype_device(op, "cache", cache, x)
+    if (cache.dim() != 6 or cache.shape[0] not in (1, 2) or cache.shape[2] != 2
+            or cache.shape[3:] != x.shape):
+        raise _shape_error(op, "cache", f"[G, S, 2, B, N, C] = [G, S, 2, {batch}, {tokens}, "
+                                        f"{channels}] with G in {{1, 2}}", cache)
+    blocks = cache.shape[1]
+    _check_like_x(op, "gates", gates, x, "[B, S, 2, C]", (batch, blocks, 2, channels))
+    _require_tensor(op, "generation", generation)
+    if generation.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: generation must have dtype int32 or int64, got {generation.dtype}")
+    _require_device(op, "generation", generation, x.device)
+    if tuple(generation.shape) != (blocks, 2):
+        raise _shape_error(op, "generation", f"[S, 2] = [{blocks}, 2]", generation)
+    for name, tensor in (("delta", delta), ("trend", trend)):
+        if tensor is not None:
+            _check_per_head(op, name, tensor, x, lead=(blocks, 2), lead_layout=("S", "2"))
+    if coef is not None:
+        if not isinstance(coef, torch.Tensor):
+            raise TypeError(f"{op}: coef must be None or a float32 tensor of shape [S, 2, 3] "
+                            f"(alpha, beta, gamma per entry), got {type(coef).__name__}")
+        _check_parameter_tensor(op, "coef", coef, x.device, shapes=[(blocks, 2, 3)],
+                                layout=f"[S, 2, 3] = [{blocks}, 2, 3]")

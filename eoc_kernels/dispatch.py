@@ -6,7 +6,9 @@ backend slots in by calling ``register_backend`` from its own module, without ed
 The eager reference is registered here as the "torch" backend and runs on any device.
 
 Selection: the op's ``backend=`` argument, else the ``EOC_BACKEND`` environment variable, else
-"auto", which picks the first available backend in ``BACKENDS`` (fastest first).
+"auto", which picks the first available backend in ``BACKENDS`` (fastest first) that is also
+eligible for "auto" on the device (the Triton interpreter runs on CPU for tests, but is never the
+fastest CPU path).
 """
 
 import os
@@ -26,26 +28,31 @@ BACKENDS = ("triton", "cuda", "cpp", "torch")
 class _Impl(NamedTuple):
     fn: Callable
     is_available: Callable[[torch.device], bool]
+    auto_eligible: Callable[[torch.device], bool]
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}  # op name -> backend name -> implementation
 
 
 def register_backend(op_name: str, backend_name: str, fn: Callable,
-                     is_available: Callable[[torch.device], bool]) -> None:
+                     is_available: Callable[[torch.device], bool],
+                     auto_eligible: Callable[[torch.device], bool] | None = None) -> None:
     """Registers fn as op_name's implementation for backend_name (replacing any earlier one).
 
-    is_available(device) says whether fn can run on tensors of that device (it must be cheap).
+    is_available(device) says whether fn can run on tensors of that device (it must be cheap);
+    auto_eligible(device), default is_available, whether "auto" may pick it there.
     """
     if backend_name not in BACKENDS:
         raise ValueError(f"cannot register backend {backend_name!r}: valid names are "
                          f"{', '.join(BACKENDS)}")
-    _REGISTRY.setdefault(op_name, {})[backend_name] = _Impl(fn, is_available)
+    _REGISTRY.setdefault(op_name, {})[backend_name] = _Impl(
+        fn, is_available, is_available if auto_eligible is None else auto_eligible)
 
 
-def _runs(op_name, backend_name, device):
+def _runs(op_name, backend_name, device, *, auto=False):
     impl = _REGISTRY.get(op_name, {}).get(backend_name)
-    return impl is not None and impl.is_available(device)
+    return (impl is not None and impl.is_available(device)
+            and (not auto or impl.auto_eligible(device)))
 
 
 def available_backends(device, op_name: str | None = None) -> list[str]:
@@ -75,7 +82,10 @@ def resolve_backend(backend: str | None, device, op_name: str | None = None) -> 
     if not available:
         raise ValueError(f"no backend is available for device {device}")
     if name == AUTO:
-        return available[0]
+        op_names = [op_name] if op_name is not None else list(_REGISTRY)
+        eligible = [backend_name for backend_name in available
+                    if all(_runs(op, backend_name, device, auto=True) for op in op_names)]
+        return (eligible or available)[0]
     if name not in available:
         raise ValueError(f"backend {name!r} (from {source}) is not available for device "
                          f"{device}; available: {', '.join(available)} (or {AUTO!r})")
@@ -89,5 +99,5 @@ def get_impl(op_name: str, backend: str | None, device) -> Callable:
     return _REGISTRY[op_name][resolve_backend(backend, device, op_name)].fn
 
 
-for _op_name in ("cached_branch", "cached_block"):
+for _op_name in ("cached_branch", "cached_block", "cached_segment"):
     register_backend(_op_name, "torch", getattr(reference, _op_name), lambda device: True)

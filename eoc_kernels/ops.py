@@ -81,3 +81,55 @@ def cached_block(x, gate_attn, gate_mlp, cache_attn, cache_mlp, *, prev_attn=Non
                 prev_mlp=prev_mlp, delta_attn=delta_attn, delta_mlp=delta_mlp,
                 trend_attn=trend_attn, trend_mlp=trend_mlp, coef_attn=coef_attn,
                 coef_mlp=coef_mlp, token_threshold=token_threshold)
+
+
+def cached_segment(x, gates, cache, generation, *, delta=None, trend=None, coef=None,
+                   token_threshold=0.0, backend=None):
+    """S consecutive DiT blocks whose branches are all reused, with the EOC correction, in one op.
+
+    The semantics are the sum of the cached_block increments of the S blocks (DESIGN §3
+    "cached_segment"): a cached FORA step is one call reading every cache entry once and writing x
+    once. Eager equivalent (fp32 throughout, one rounding at the end)::
+
+        out = x.float()
+        for s in range(S):
+            for k in (0, 1):                                   # 0 = attention, 1 = MLP
+                g = generation[s, k]                           # on the device, never .item()
+                Cc = cache[g, s, k]                            # [B, N, C]
+                Cp = cache[1 - g, s, k] if G == 2 else None    # the previous generation
+                fhat = corrected_feature(Cc, prev=Cp, delta=delta[s, k], trend=trend[s, k],
+                                         coef=coef[s, k], token_threshold=token_threshold)
+                out = out + gates[:, s, k].float()[:, None, :] * fhat
+        out = out.to(x.dtype)
+
+    with corrected_feature from eoc_kernels.reference (F̂ = Cc + α·D + β·(Cc − Cp) + γ·(Cc ⊙ E),
+    then the per-token judgment of cached_branch). coef=None is plain reuse: F̂ = Cc, and delta,
+    trend and the previous generation are not read.
+
+    Args:
+        x: [B, N, C], the residual stream entering the first block of the segment.
+        gates: [B, S, 2, C], the adaLN gate rows of the S blocks (branch 0 = attention, 1 = MLP);
+            may be a strided view.
+        cache: [G, S, 2, B, N, C] with G in {1, 2}, typically a view ``buffer[:, l0:l1]`` of the
+            stacked two-generation cache buffer [G, L, 2, B, N, C]; may be a strided view.
+        generation: int32 or int64 [S, 2] on x's device: the generation holding Cc of entry (s, k);
+            when G == 2 the other generation holds Cp. Values must be 0 or 1 (not checked: that
+            would need a host sync). When G == 1 it is not read (there is only generation 0).
+        delta, trend: optional [S, 2, H, N, C] prior delta and prior trend embedding per entry, H
+            dividing B (row b uses entry b // (B // H)); H may differ between them.
+        coef: optional float32 [S, 2, 3] on x's device, (alpha, beta, gamma) per entry; None means
+            all zeros (plain reuse). With G == 1, beta is ignored: no Cp exists. A term whose
+            coefficient is zero contributes nothing and its tensor need not be read.
+        token_threshold: a Python number or a float32 tensor with one element on x's device.
+        backend: as in cached_branch.
+    All feature tensors share x's dtype (float32, float16 or bfloat16) and device. Returns a new
+    [B, N, C] tensor of x's dtype.
+    """
+    op = "cached_segment"
+    _validation.check_features(op, x)
+    _validation.check_segment(op, x, gates=gates, cache=cache, generation=generation,
+                              delta=delta, trend=trend, coef=coef)
+    _validation.check_token_threshold(op, token_threshold, x.device)
+    impl = get_impl(op, backend, x.device)
+    return impl(x, gates, cache, generation, delta=delta, trend=trend, coef=coef,
+                token_threshold=token_threshold)

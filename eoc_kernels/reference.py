@@ -1,7 +1,8 @@
 """Eager PyTorch reference of the EOC cache-reuse ops: the ground truth of every test.
 
 Implements the correction and the online per-token judgment of DESIGN §2 ("Correction",
-"Judgment" level 2) with the op semantics of DESIGN §3 (``cached_branch``, ``cached_block``):
+"Judgment" level 2) with the op semantics of DESIGN §3 (``cached_branch``, ``cached_block``,
+``cached_segment``):
 
     F̂ = Cc + α·D + β·(Cc − Cp) + γ·(Cc ⊙ E)
 
@@ -76,4 +77,39 @@ def cached_block(x, gate_attn, gate_mlp, cache_attn, cache_mlp, *, prev_attn=Non
                                  coef=coef_mlp, token_threshold=token_threshold)
     out = (x.float() + gate_attn.float()[:, None, :] * fhat_attn
            + gate_mlp.float()[:, None, :] * fhat_mlp)
+    return out.to(x.dtype)
+
+
+def cached_segment(x, gates, cache, generation, *, delta=None, trend=None, coef=None,
+                   token_threshold=0.0):
+    """x + Σ_{s,k} gates[:, s, k, None, :] ⊙ F̂_{s,k} over S consecutive reused blocks, in x.dtype.
+
+    The sum of the cached_block increments of the S blocks, accumulated in fp32 in the order
+    (s = 0, attention), (s = 0, MLP), (s = 1, attention), ... and rounded once.
+    x: [B, N, C]; gates: [B, S, 2, C] (branch 0 = attention, 1 = MLP); cache: [G, S, 2, B, N, C]
+    with G in {1, 2}; generation: integer [S, 2], the generation holding Cc of entry (s, k) (when
+    G == 2 the other one holds Cp; when G == 1 it is not read); delta, trend: [S, 2, H, N, C];
+    coef: float32 [S, 2, 3] of (α, β, γ) per entry, or None for plain reuse (then delta, trend and
+    the previous generation are not read). F̂_{s,k} as in corrected_feature, with the one
+    token_threshold. Generations are picked with index_select on the device: no host sync.
+    """
+    num_generations, blocks = cache.shape[:2]
+    out = x.float()  # [B, N, C]
+    for s in range(blocks):
+        for k in range(2):
+            entry = cache[:, s, k]  # [G, B, N, C]
+            terms = {}
+            if num_generations == 1:
+                current = entry[0]
+            else:
+                gen = generation[s, k].reshape(1).long()  # [1], stays on the device
+                current = entry.index_select(0, gen)[0]
+                if coef is not None:
+                    terms["prev"] = entry.index_select(0, 1 - gen)[0]
+            if coef is not None:
+                terms |= dict(coef=coef[s, k],
+                              delta=None if delta is None else delta[s, k],
+                              trend=None if trend is None else trend[s, k])
+            fhat = corrected_feature(current, **terms, token_threshold=token_threshold)
+            out = out + gates[:, s, k].float()[:, None, :] * fhat
     return out.to(x.dtype)

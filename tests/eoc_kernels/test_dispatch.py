@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import eoc_kernels
 from eoc_kernels import available_backends, cached_branch, dispatch, resolve_backend
 
 CPU = torch.device("cpu")
@@ -26,13 +27,45 @@ def branch_inputs():
     return x, torch.randn(2, 4), torch.randn(2, 3, 4)
 
 
-def test_torch_is_the_only_backend_today():
-    assert available_backends(CPU) == ["torch"]
-    assert available_backends("cpu", "cached_block") == ["torch"]
+def triton_on_cpu():
+    """Whether the triton backend is registered and runs on CPU (TRITON_INTERPRET=1, conftest)."""
+    backend = getattr(eoc_kernels, "triton", None)
+    return backend is not None and backend.is_available(CPU)
+
+
+CPU_BACKENDS = ["triton", "torch"] if triton_on_cpu() else ["torch"]
+
+
+def test_auto_picks_torch_on_cpu():
+    # The Triton interpreter runs on CPU (tests) but is never "auto"'s pick.
+    assert available_backends(CPU) == CPU_BACKENDS
+    assert available_backends("cpu", "cached_segment") == CPU_BACKENDS
     assert available_backends(torch.device("meta")) == ["torch"]
     assert resolve_backend(None, CPU) == "torch"
     assert resolve_backend("auto", CPU) == "torch"
+    assert resolve_backend("auto", CPU, "cached_block") == "torch"
     assert resolve_backend("torch", CPU) == "torch"
+
+
+@pytest.mark.skipif(not triton_on_cpu(), reason="needs triton and TRITON_INTERPRET=1")
+def test_triton_backend_runs_on_cpu_under_the_interpreter(monkeypatch):
+    assert resolve_backend("triton", CPU) == "triton"
+    assert resolve_backend("triton", "cpu", "cached_segment") == "triton"
+    x, gate, cache = branch_inputs()
+    expected = cached_branch(x, gate, cache, backend="torch")
+    torch.testing.assert_close(cached_branch(x, gate, cache, backend="triton"), expected)
+    monkeypatch.setenv("EOC_BACKEND", "triton")
+    torch.testing.assert_close(cached_branch(x, gate, cache), expected)
+    with pytest.raises(ValueError, match="'triton' .*not available for device meta"):
+        resolve_backend("triton", torch.device("meta"))
+
+
+def test_auto_skips_backends_not_eligible_for_auto(registry):
+    dispatch.register_backend("cached_branch", "cpp", lambda *a, **k: None,
+                              lambda device: True, auto_eligible=lambda device: False)
+    assert available_backends(CPU, "cached_branch")[-2:] == ["cpp", "torch"]
+    assert resolve_backend("auto", CPU, "cached_branch") == "torch"
+    assert resolve_backend("cpp", CPU, "cached_branch") == "cpp"
 
 
 @pytest.mark.parametrize("value, expected", [("torch", "torch"), ("auto", "torch"),
@@ -52,9 +85,10 @@ def test_unknown_backend_lists_valid_names(monkeypatch):
         cached_branch(*branch_inputs())
 
 
-@pytest.mark.parametrize("name", ["triton", "cuda", "cpp"])
+@pytest.mark.parametrize("name", ["cuda", "cpp"])
 def test_reserved_backend_is_unavailable(monkeypatch, name):
-    pattern = rf"backend '{name}' .*not available for device cpu; available: torch"
+    pattern = (rf"backend '{name}' .*not available for device cpu; available: "
+               rf"{', '.join(CPU_BACKENDS)}")
     with pytest.raises(ValueError, match=pattern):
         resolve_backend(name, CPU)
     with pytest.raises(ValueError, match=pattern):
@@ -88,8 +122,8 @@ def test_registered_backend_is_picked_and_dispatched(registry, monkeypatch):
     dispatch.register_backend("cached_branch", "cpp", fake_branch,
                               lambda device: device.type == "cpu")
     # cpp implements cached_branch only: "auto" prefers it there, not for every op.
-    assert available_backends(CPU, "cached_branch") == ["cpp", "torch"]
-    assert available_backends(CPU) == ["torch"]
+    assert available_backends(CPU, "cached_branch") == CPU_BACKENDS[:-1] + ["cpp", "torch"]
+    assert available_backends(CPU) == CPU_BACKENDS
     assert resolve_backend("auto", CPU, "cached_branch") == "cpp"
     assert available_backends(torch.device("meta"), "cached_branch") == ["torch"]
 
@@ -109,5 +143,5 @@ def test_register_rejects_non_backend_names(registry, name):
 
 
 def test_unknown_op():
-    with pytest.raises(ValueError, match="unknown op 'cached_segment'"):
-        dispatch.get_impl("cached_segment", None, CPU)
+    with pytest.raises(ValueError, match="unknown op 'cached_nothing'"):
+        dispatch.get_impl("cached_nothing", None, CPU)

@@ -1,133 +1,22 @@
 """The public ops (torch backend = eoc_kernels.reference) against a naive fp64 implementation.
 
-The naive version walks the tokens one by one with plain indexing, so it shares no broadcasting
-or masking code with the reference. Inputs are fresh random tensors on odd shapes; low-precision
-cases compare against fp64 math on the same low-precision inputs (tolerances in tests/conftest.py).
+The naive version (tests/eoc_kernels/naive.py) walks the tokens one by one with plain indexing, so
+it shares no broadcasting or masking code with the reference. Inputs are fresh random tensors on
+odd shapes; low-precision cases compare against fp64 math on the same low-precision inputs
+(tolerances in tests/conftest.py).
 """
 
 import pytest
 import torch
 
-from eoc_kernels import cached_block, cached_branch, reference
+from eoc_kernels import reference
+
+from .naive import (ALL_TERMS, DTYPES, assert_matches_naive, check_random_case, random_branch,
+                    run_block, run_branch, run_op, splitting_threshold)
 
 SHAPES = [(1, 49, 123), (2, 49, 123), (3, 4, 1152), (4, 7, 8)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ALL_TERMS = ("delta", "prev", "trend")
-COEF = (0.8, 0.6, -0.5)  # (alpha, beta, gamma)
 HEAD_CASES = [(shape, heads) for shape in SHAPES for heads in sorted({1, 2, shape[0]})
               if shape[0] % heads == 0]
-
-
-# --- naive fp64 implementation ---------------------------------------------------------------
-
-def naive_corrected(cache, prev, delta, trend, coef, threshold):
-    """F̂ in fp64, one token (b, n) at a time."""
-    alpha, beta, gamma = (float(c) for c in coef)
-    threshold = float(threshold)
-    batch, tokens, _ = cache.shape
-    out = torch.empty(cache.shape, dtype=torch.float64)
-    for b in range(batch):
-        for n in range(tokens):
-            cc = cache[b, n].double()
-            fhat = cc.clone()
-            if delta is not None:
-                fhat += alpha * delta[b // (batch // delta.shape[0]), n].double()
-            if prev is not None:
-                fhat += beta * (cc - prev[b, n].double())
-            if trend is not None:
-                fhat += gamma * cc * trend[b // (batch // trend.shape[0]), n].double()
-            score = (fhat - cc).norm() / (cc.norm() + 1e-6)
-            out[b, n] = fhat if threshold <= 0 or score > threshold else cc
-    return out
-
-
-def naive_output(x, branches, threshold):
-    """x + Σ gate ⊙ F̂ over the given branches, in fp64."""
-    out = x.double()
-    for branch in branches:
-        fhat = naive_corrected(branch["cache"], branch["prev"], branch["delta"], branch["trend"],
-                               branch["coef"], threshold)
-        out = out + branch["gate"].double()[:, None, :] * fhat
-    return out
-
-
-def naive_scores(branch):
-    """Per-token judgment scores s = ||corr|| / (||Cc|| + 1e-6) in fp64, [B, N]."""
-    corr = naive_corrected(branch["cache"], branch["prev"], branch["delta"], branch["trend"],
-                           branch["coef"], 0.0) - branch["cache"].double()
-    return corr.norm(dim=-1) / (branch["cache"].double().norm(dim=-1) + 1e-6)
-
-
-# --- inputs ----------------------------------------------------------------------------------
-
-def random_branch(gen, batch, tokens, channels, dtype, *, heads=1, terms=ALL_TERMS, coef=COEF):
-    """One reused branch's inputs; per-token scales spread the judgment scores apart."""
-    def randn(rows):
-        return torch.randn(rows, tokens, channels, generator=gen)
-
-    def token_scale(rows):
-        return 0.1 + 2 * torch.rand(rows, tokens, 1, generator=gen)
-
-    cache = randn(batch)
-    branch = dict(gate=torch.randn(batch, channels, generator=gen), cache=cache, prev=None,
-                  delta=None, trend=None)
-    if "prev" in terms:
-        branch["prev"] = cache - 0.3 * token_scale(batch) * randn(batch)
-    if "delta" in terms:
-        branch["delta"] = 0.3 * token_scale(heads) * randn(heads)
-    if "trend" in terms:  # a trend embedding lies in [-1, 1] (DESIGN §2)
-        branch["trend"] = (2 * torch.rand(heads, tokens, channels, generator=gen) - 1
-                           ) * token_scale(heads).clamp(max=1)
-    branch = {key: None if value is None else value.to(dtype) for key, value in branch.items()}
-    return branch | {"coef": coef}
-
-
-def run_branch(x, branch, **kwargs):
-    return cached_branch(x, branch["gate"], branch["cache"], prev=branch["prev"],
-                         delta=branch["delta"], trend=branch["trend"], coef=branch["coef"],
-                         **kwargs)
-
-
-def run_block(x, attn, mlp, **kwargs):
-    optional = {f"{key}_{name}": branch[key] for name, branch in (("attn", attn), ("mlp", mlp))
-                for key in ("prev", "delta", "trend", "coef")}
-    return cached_block(x, attn["gate"], mlp["gate"], attn["cache"], mlp["cache"], **optional,
-                        **kwargs)
-
-
-def run_op(x, branches, **kwargs):
-    """cached_branch for one branch, cached_block for two (attention, MLP)."""
-    return run_branch(x, *branches, **kwargs) if len(branches) == 1 else run_block(
-        x, *branches, **kwargs)
-
-
-def splitting_threshold(branches):
-    """A threshold in a clear gap between the middle per-token scores of the branches."""
-    scores = torch.cat([naive_scores(branch).flatten() for branch in branches]).sort().values
-    middle = scores[len(scores) // 4: 3 * len(scores) // 4 + 1]
-    gap_at = (middle[1:] - middle[:-1]).argmax()
-    low, high = middle[gap_at].item(), middle[gap_at + 1].item()
-    assert high - low > 1e-4 * high, "scores too close to split robustly"
-    threshold = (low + high) / 2
-    # The test could fail: some tokens are corrected and some are not.
-    assert 0 < int((scores > threshold).sum()) < len(scores)
-    return threshold
-
-
-def assert_matches_naive(out, x, branches, threshold, tol, **kwargs):
-    assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
-    torch.testing.assert_close(out.double(), naive_output(x, branches, threshold), **tol,
-                               **kwargs)
-
-
-def check_random_case(seed, shape, dtype, tol, *branch_options):
-    """Fresh random inputs, one branch per options dict; all tokens corrected."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen).to(dtype)
-    branches = [random_branch(gen, *shape, dtype, **options) for options in branch_options]
-    out = run_op(x, branches)
-    assert torch.isfinite(out).all()  # finite inputs, every element written
-    assert_matches_naive(out, x, branches, 0.0, tol)
 
 
 # --- tests -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eoc_kernels import cached_block, cached_branch
+from eoc_kernels import cached_block, cached_branch, cached_segment
 
 B, N, C = 4, 3, 8
 META = torch.device("meta")  # stands in for "another device" on a CPU-only machine
@@ -133,3 +133,99 @@ def test_mismatched_dtype_names_both():
     args = valid_args("cached_branch") | {"x": torch.zeros(B, N, C, dtype=torch.bfloat16)}
     with pytest.raises(TypeError, match=r"gate must have dtype torch\.bfloat16 .*got torch\.float32"):
         call("cached_branch", args)
+
+
+# --- cached_segment ----------------------------------------------------------------------------
+
+S = 2
+
+
+def valid_segment_args(dtype=torch.float32, generations=2):
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    return {"x": randn(B, N, C), "gates": randn(B, S, 2, C),
+            "cache": randn(generations, S, 2, B, N, C),
+            "generation": torch.tensor([[0, 1], [1, 0]], dtype=torch.int32),
+            "delta": randn(S, 2, 2, N, C), "trend": randn(S, 2, B, N, C),
+            "coef": torch.randn(S, 2, 3, generator=gen), "token_threshold": 0.1}
+
+
+def call_segment(args):
+    args = dict(args)
+    return cached_segment(args.pop("x"), args.pop("gates"), args.pop("cache"),
+                          args.pop("generation"), **args)
+
+
+# (case id, argument name, how to break its valid value, expected error)
+SEGMENT_CASES = [
+    ("x-2d", "x", lambda t: t[0], ValueError),
+    ("x-float64", "x", lambda t: t.double(), TypeError),
+    ("gates-3d", "gates", lambda t: t[:, 0], ValueError),
+    ("gates-one-branch", "gates", lambda t: t[:, :, :1], ValueError),
+    ("gates-blocks", "gates", lambda t: t[:, :1], ValueError),
+    ("gates-float16", "gates", lambda t: t.half(), TypeError),
+    ("gates-other-device", "gates", lambda t: t.to(META), ValueError),
+    ("cache-5d", "cache", lambda t: t[0], ValueError),
+    ("cache-3-generations", "cache", lambda t: torch.cat([t, t[:1]]), ValueError),
+    ("cache-one-branch", "cache", lambda t: t[:, :, :1], ValueError),
+    ("cache-batch", "cache", lambda t: t[:, :, :, :1], ValueError),
+    ("cache-channels", "cache", lambda t: t[..., :-1], ValueError),
+    ("cache-bfloat16", "cache", lambda t: t.bfloat16(), TypeError),
+    ("cache-other-device", "cache", lambda t: t.to(META), ValueError),
+    ("cache-numpy", "cache", lambda t: t.numpy(), TypeError),
+    ("generation-float", "generation", lambda t: t.float(), TypeError),
+    ("generation-bool", "generation", lambda t: t.bool(), TypeError),
+    ("generation-int16", "generation", lambda t: t.short(), TypeError),
+    ("generation-list", "generation", lambda t: t.tolist(), TypeError),
+    ("generation-shape", "generation", lambda t: t[:1], ValueError),
+    ("generation-flat", "generation", lambda t: t.flatten(), ValueError),
+    ("generation-other-device", "generation", lambda t: t.to(META), ValueError),
+    ("delta-per-block-heads", "delta", lambda t: t[0], ValueError),
+    ("delta-heads-3", "delta", lambda t: torch.zeros(S, 2, 3, N, C), ValueError),
+    ("delta-blocks", "delta", lambda t: t[:1], ValueError),
+    ("trend-tokens", "trend", lambda t: t[..., :-1, :], ValueError),
+    ("trend-float16", "trend", lambda t: t.half(), TypeError),
+    ("trend-other-device", "trend", lambda t: t.to(META), ValueError),
+    ("coef-tuple", "coef", lambda c: (0.5, 0.0, 0.0), TypeError),
+    ("coef-float64", "coef", lambda c: c.double(), TypeError),
+    ("coef-shape-3", "coef", lambda c: c[0, 0], ValueError),
+    ("coef-blocks", "coef", lambda c: c[:1], ValueError),
+    ("coef-other-device", "coef", lambda c: c.to(META), ValueError),
+    ("threshold-2-elements", "token_threshold", lambda t: torch.tensor([0.1, 0.2]), ValueError),
+    ("threshold-str", "token_threshold", lambda t: "0.1", TypeError),
+]
+
+
+@pytest.mark.parametrize("generations", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_segment_valid_inputs_pass(dtype, generations):
+    args = valid_segment_args(dtype, generations)
+    assert call_segment(args).shape == (B, N, C)
+    args |= {"delta": None, "trend": None, "coef": None,
+             "generation": args["generation"].long(), "token_threshold": torch.tensor([0.2])}
+    assert call_segment(args).shape == (B, N, C)
+
+
+@pytest.mark.parametrize("case_id, name, breaks, error", SEGMENT_CASES,
+                         ids=[case[0] for case in SEGMENT_CASES])
+def test_segment_bad_argument(case_id, name, breaks, error):
+    args = valid_segment_args()
+    args[name] = breaks(args[name])
+    with pytest.raises(error, match=rf"^cached_segment: {name} "):
+        call_segment(args)
+
+
+def test_segment_messages_state_expected_and_given():
+    args = valid_segment_args() | {"delta": torch.zeros(S, 2, 3, N, C)}
+    with pytest.raises(ValueError) as info:
+        call_segment(args)
+    assert str(info.value) == ("cached_segment: delta must have shape [S, 2, H, N, C] = "
+                               "[2, 2, H, 3, 8] with H dividing B = 4, got [2, 2, 3, 3, 8]")
+    args = valid_segment_args() | {"generation": torch.zeros(3, 2, dtype=torch.int64)}
+    with pytest.raises(ValueError) as info:
+        call_segment(args)
+    assert str(info.value) == ("cached_segment: generation must have shape [S, 2] = [2, 2], "
+                               "got [3, 2]")

@@ -1,0 +1,163 @@
+"""Triton kernel of ``cached_block`` (DESIGN §3): a block with both branches reused, in one pass.
+
+Eager equivalent: ``eoc_kernels.reference.cached_block``,
+x + gate_attn ⊙ F̂_attn + gate_mlp ⊙ F̂_mlp, each branch judged on its own correction. Blocking
+(whole token rows in registers), zero-coefficient skipping, int64 offsets and explicit strides:
+see ``_common``.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import (_corrected_feature, _row_offsets, branch_launch_args, check_runnable,
+                      pick_blocks, split_coef, split_threshold)
+
+
+@triton.jit
+def _cached_block_kernel(
+        X_ptr, GateA_ptr, GateM_ptr, CacheA_ptr, CacheM_ptr, PrevA_ptr, PrevM_ptr,
+        DeltaA_ptr, DeltaM_ptr, TrendA_ptr, TrendM_ptr, CoefA_ptr, CoefM_ptr, Threshold_ptr,
+        Out_ptr,
+        rows, tokens, channels,
+        delta_a_rows_per_head, delta_m_rows_per_head, trend_a_rows_per_head,
+        trend_m_rows_per_head,
+        stride_xb, stride_xn, stride_xc,
+        stride_gab, stride_gac, stride_gmb, stride_gmc,
+        stride_cab, stride_can, stride_cac, stride_cmb, stride_cmn, stride_cmc,
+        stride_pab, stride_pan, stride_pac, stride_pmb, stride_pmn, stride_pmc,
+        stride_dah, stride_dan, stride_dac, stride_dmh, stride_dmn, stride_dmc,
+        stride_tah, stride_tan, stride_tac, stride_tmh, stride_tmn, stride_tmc,
+        stride_ob, stride_on, stride_oc,
+        stride_coef_a, stride_coef_m,
+        alpha_a, beta_a, gamma_a, alpha_m, beta_m, gamma_m, threshold,
+        HAS_DELTA_A: tl.constexpr, HAS_PREV_A: tl.constexpr, HAS_TREND_A: tl.constexpr,
+        HAS_DELTA_M: tl.constexpr, HAS_PREV_M: tl.constexpr, HAS_TREND_M: tl.constexpr,
+        COEF_A_IS_TENSOR: tl.constexpr, COEF_M_IS_TENSOR: tl.constexpr,
+        THRESHOLD_IS_TENSOR: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # flat b·N + n
+    col = tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    mask = (row < rows)[:, None] & (col < channels)
+    if COEF_A_IS_TENSOR:
+        alpha_a = tl.load(CoefA_ptr)
+        beta_a = tl.load(CoefA_ptr + stride_coef_a)
+        gamma_a = tl.load(CoefA_ptr + 2 * stride_coef_a)
+    if COEF_M_IS_TENSOR:
+        alpha_m = tl.load(CoefM_ptr)
+        beta_m = tl.load(CoefM_ptr + stride_coef_m)
+        gamma_m = tl.load(CoefM_ptr + 2 * stride_coef_m)
+    if THRESHOLD_IS_TENSOR:
+        threshold = tl.load(Threshold_ptr)
+
+    x_offs = _row_offsets(row, 1, stride_xb, stride_xn, tokens)[:, None] + col * stride_xc
+    out = tl.load(X_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
+
+    # Attention branch.
+    fhat = _corrected_feature(
+        CacheA_ptr, _row_offsets(row, 1, stride_cab, stride_can, tokens)[:, None]
+        + col * stride_cac,
+        PrevA_ptr, _row_offsets(row, 1, stride_pab, stride_pan, tokens)[:, None]
+        + col * stride_pac,
+        DeltaA_ptr, _row_offsets(row, delta_a_rows_per_head, stride_dah, stride_dan,
+                                 tokens)[:, None] + col * stride_dac,
+        TrendA_ptr, _row_offsets(row, trend_a_rows_per_head, stride_tah, stride_tan,
+                                 tokens)[:, None] + col * stride_tac,
+        mask, alpha_a, beta_a, gamma_a, threshold, HAS_DELTA_A, HAS_PREV_A, HAS_TREND_A)
+    gate_offs = _row_offsets(row, 1, stride_gab, 0, tokens)[:, None] + col * stride_gac
+    out += tl.load(GateA_ptr + gate_offs, mask=mask, other=0.0).to(tl.float32) * fhat
+
+    # MLP branch.
+    fhat = _corrected_feature(
+        CacheM_ptr, _row_offsets(row, 1, stride_cmb, stride_cmn, tokens)[:, None]
+        + col * stride_cmc,
+        PrevM_ptr, _row_offsets(row, 1, stride_pmb, stride_pmn, tokens)[:, None]
+        + col * stride_pmc,
+        DeltaM_ptr, _row_offsets(row, delta_m_rows_per_head, stride_dmh, stride_dmn,
+                                 tokens)[:, None] + col * stride_dmc,
+        TrendM_ptr, _row_offsets(row, trend_m_rows_per_head, stride_tmh, stride_tmn,
+                                 tokens)[:, None] + col * stride_tmc,
+        mask, alpha_m, beta_m, gamma_m, threshold, HAS_DELTA_M, HAS_PREV_M, HAS_TREND_M)
+    gate_offs = _row_offsets(row, 1, stride_gmb, 0, tokens)[:, None] + col * stride_gmc
+    out += tl.load(GateM_ptr + gate_offs, mask=mask, other=0.0).to(tl.float32) * fhat
+
+    out_offs = _row_offsets(row, 1, stride_ob, stride_on, tokens)[:, None] + col * stride_oc
+    tl.store(Out_ptr + out_offs, out.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(out, x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp, delta_attn,
+            delta_mlp, trend_attn, trend_mlp, coef_values, coef_tensor_attn, coef_tensor_mlp,
+            threshold_value, threshold_tensor):
+    """Runs the kernel writing out; a float coefficient of 0.0 leaves its tensor unread."""
+    batch, tokens, channels = x.shape
+    rows = batch * tokens
+    if rows == 0 or channels == 0:
+        return out
+    block_m, block_c, num_warps = pick_blocks(channels, rows, x.device)
+    a = branch_launch_args(x, prev_attn, delta_attn, trend_attn, coef_values[:3],
+                            coef_tensor_attn)
+    m = branch_launch_args(x, prev_mlp, delta_mlp, trend_mlp, coef_values[3:],
+                            coef_tensor_mlp)
+    _cached_block_kernel[(triton.cdiv(rows, block_m),)](
+        x, gate_attn, gate_mlp, cache_attn, cache_mlp, a["prev"], m["prev"], a["delta"],
+        m["delta"], a["trend"], m["trend"], a["coef"], m["coef"],
+        threshold_tensor if threshold_tensor is not None else x, out,
+        rows, tokens, channels,
+        a["delta_rows_per_head"], m["delta_rows_per_head"], a["trend_rows_per_head"],
+        m["trend_rows_per_head"],
+        *x.stride(), *gate_attn.stride(), *gate_mlp.stride(), *cache_attn.stride(),
+        *cache_mlp.stride(), *a["prev_strides"], *m["prev_strides"], *a["delta_strides"],
+        *m["delta_strides"], *a["trend_strides"], *m["trend_strides"], *out.stride(),
+        a["coef_stride"], m["coef_stride"],
+        *a["coef_values"], *m["coef_values"], threshold_value,
+        HAS_DELTA_A=a["flags"][0], HAS_PREV_A=a["flags"][1], HAS_TREND_A=a["flags"][2],
+        HAS_DELTA_M=m["flags"][0], HAS_PREV_M=m["flags"][1], HAS_TREND_M=m["flags"][2],
+        COEF_A_IS_TENSOR=a["coef_is_tensor"], COEF_M_IS_TENSOR=m["coef_is_tensor"],
+        THRESHOLD_IS_TENSOR=threshold_tensor is not None,
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+    return out
+
+
+@torch.library.custom_op("eoc::cached_block", mutates_args=())
+def cached_block_op(x: torch.Tensor, gate_attn: torch.Tensor, gate_mlp: torch.Tensor,
+                    cache_attn: torch.Tensor, cache_mlp: torch.Tensor,
+                    prev_attn: Optional[torch.Tensor], prev_mlp: Optional[torch.Tensor],
+                    delta_attn: Optional[torch.Tensor], delta_mlp: Optional[torch.Tensor],
+                    trend_attn: Optional[torch.Tensor], trend_mlp: Optional[torch.Tensor],
+                    coef_values: list[float], coef_tensor_attn: Optional[torch.Tensor],
+                    coef_tensor_mlp: Optional[torch.Tensor], threshold_value: float,
+                    threshold_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+    """eoc::cached_block: the Triton kernel; inputs as checked by eoc_kernels.cached_block.
+
+    coef_values = (alpha, beta, gamma) of attention then of MLP (6 floats); a branch uses its
+    coef_tensor_* (float32 [3]) instead when given. threshold_value is the token threshold unless
+    threshold_tensor (float32, one element) is given.
+    """
+    check_runnable("eoc::cached_block", x)
+    return _launch(_common.new_output(x), x, gate_attn, gate_mlp, cache_attn, cache_mlp,
+                   prev_attn, prev_mlp, delta_attn, delta_mlp, trend_attn, trend_mlp,
+                   coef_values, coef_tensor_attn, coef_tensor_mlp, threshold_value,
+                   threshold_tensor)
+
+
+@cached_block_op.register_fake
+def _cached_block_fake(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp,
+                       delta_attn, delta_mlp, trend_attn, trend_mlp, coef_values,
+                       coef_tensor_attn, coef_tensor_mlp, threshold_value, threshold_tensor):
+    return torch.empty_like(x)
+
+
+def cached_block(x, gate_attn, gate_mlp, cache_attn, cache_mlp, *, prev_attn=None,
+                 prev_mlp=None, delta_attn=None, delta_mlp=None, trend_attn=None, trend_mlp=None,
+                 coef_attn=(0.0, 0.0, 0.0), coef_mlp=(0.0, 0.0, 0.0), token_threshold=0.0):
+    """The "triton" backend of eoc_kernels.cached_block (which checks the inputs)."""
+    values_attn, tensor_attn = split_coef(coef_attn)
+    values_mlp, tensor_mlp = split_coef(coef_mlp)
+    threshold_value, threshold_tensor = split_threshold(token_threshold)
+    return cached_block_op(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp,
+                           delta_attn, delta_mlp, trend_attn, trend_mlp,
+                           values_attn + values_mlp, tensor_attn, tensor_mlp, threshold_value,
+                           threshold_tensor)

@@ -1,0 +1,112 @@
+"""Triton kernel of ``cached_branch`` (DESIGN §3): one reused branch, x + gate ⊙ F̂, in one pass.
+
+Eager equivalent: ``eoc_kernels.reference.cached_branch``. Blocking (whole token rows in
+registers), zero-coefficient skipping, int64 offsets and explicit strides: see ``_common``.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import (_corrected_feature, _row_offsets, branch_launch_args, check_runnable,
+                      pick_blocks, split_coef, split_threshold)
+
+
+@triton.jit
+def _cached_branch_kernel(
+        X_ptr, Gate_ptr, Cache_ptr, Prev_ptr, Delta_ptr, Trend_ptr, Coef_ptr, Threshold_ptr,
+        Out_ptr,
+        rows, tokens, channels, delta_rows_per_head, trend_rows_per_head,
+        stride_xb, stride_xn, stride_xc,
+        stride_gb, stride_gc,
+        stride_cb, stride_cn, stride_cc,
+        stride_pb, stride_pn, stride_pc,
+        stride_dh, stride_dn, stride_dc,
+        stride_th, stride_tn, stride_tc,
+        stride_ob, stride_on, stride_oc,
+        stride_coef,
+        alpha, beta, gamma, threshold,
+        HAS_DELTA: tl.constexpr, HAS_PREV: tl.constexpr, HAS_TREND: tl.constexpr,
+        COEF_IS_TENSOR: tl.constexpr, THRESHOLD_IS_TENSOR: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # flat b·N + n
+    col = tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    mask = (row < rows)[:, None] & (col < channels)
+    if COEF_IS_TENSOR:
+        alpha = tl.load(Coef_ptr)
+        beta = tl.load(Coef_ptr + stride_coef)
+        gamma = tl.load(Coef_ptr + 2 * stride_coef)
+    if THRESHOLD_IS_TENSOR:
+        threshold = tl.load(Threshold_ptr)
+
+    fhat = _corrected_feature(
+        Cache_ptr, _row_offsets(row, 1, stride_cb, stride_cn, tokens)[:, None] + col * stride_cc,
+        Prev_ptr, _row_offsets(row, 1, stride_pb, stride_pn, tokens)[:, None] + col * stride_pc,
+        Delta_ptr, _row_offsets(row, delta_rows_per_head, stride_dh, stride_dn, tokens)[:, None]
+        + col * stride_dc,
+        Trend_ptr, _row_offsets(row, trend_rows_per_head, stride_th, stride_tn, tokens)[:, None]
+        + col * stride_tc,
+        mask, alpha, beta, gamma, threshold, HAS_DELTA, HAS_PREV, HAS_TREND)  # [BLOCK_M, BLOCK_C]
+    gate_offs = _row_offsets(row, 1, stride_gb, 0, tokens)[:, None] + col * stride_gc
+    gate = tl.load(Gate_ptr + gate_offs, mask=mask, other=0.0).to(tl.float32)
+    x_offs = _row_offsets(row, 1, stride_xb, stride_xn, tokens)[:, None] + col * stride_xc
+    out = tl.load(X_ptr + x_offs, mask=mask, other=0.0).to(tl.float32) + gate * fhat
+    out_offs = _row_offsets(row, 1, stride_ob, stride_on, tokens)[:, None] + col * stride_oc
+    tl.store(Out_ptr + out_offs, out.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(out, x, gate, cache, prev, delta, trend, coef_values, coef_tensor, threshold_value,
+            threshold_tensor):
+    """Runs the kernel writing out; a float coefficient of 0.0 leaves its tensor unread."""
+    batch, tokens, channels = x.shape
+    rows = batch * tokens
+    if rows == 0 or channels == 0:
+        return out
+    block_m, block_c, num_warps = pick_blocks(channels, rows, x.device)
+    br = branch_launch_args(x, prev, delta, trend, coef_values, coef_tensor)
+    has_delta, has_prev, has_trend = br["flags"]
+    _cached_branch_kernel[(triton.cdiv(rows, block_m),)](
+        x, gate, cache, br["prev"], br["delta"], br["trend"], br["coef"],
+        threshold_tensor if threshold_tensor is not None else x, out,
+        rows, tokens, channels, br["delta_rows_per_head"], br["trend_rows_per_head"],
+        *x.stride(), *gate.stride(), *cache.stride(), *br["prev_strides"],
+        *br["delta_strides"], *br["trend_strides"], *out.stride(), br["coef_stride"],
+        *br["coef_values"], threshold_value,
+        HAS_DELTA=has_delta, HAS_PREV=has_prev, HAS_TREND=has_trend,
+        COEF_IS_TENSOR=br["coef_is_tensor"], THRESHOLD_IS_TENSOR=threshold_tensor is not None,
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+    return out
+
+
+@torch.library.custom_op("eoc::cached_branch", mutates_args=())
+def cached_branch_op(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor,
+                     prev: Optional[torch.Tensor], delta: Optional[torch.Tensor],
+                     trend: Optional[torch.Tensor], coef_values: list[float],
+                     coef_tensor: Optional[torch.Tensor], threshold_value: float,
+                     threshold_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+    """eoc::cached_branch: the Triton kernel; inputs as checked by eoc_kernels.cached_branch.
+
+    coef_values (3 floats) are the coefficients unless coef_tensor (float32 [3]) is given;
+    threshold_value is the token threshold unless threshold_tensor (float32, one element) is.
+    """
+    check_runnable("eoc::cached_branch", x)
+    return _launch(_common.new_output(x), x, gate, cache, prev, delta, trend, coef_values,
+                   coef_tensor, threshold_value, threshold_tensor)
+
+
+@cached_branch_op.register_fake
+def _cached_branch_fake(x, gate, cache, prev, delta, trend, coef_values, coef_tensor,
+                        threshold_value, threshold_tensor):
+    return torch.empty_like(x)
+
+
+def cached_branch(x, gate, cache, *, prev=None, delta=None, trend=None, coef=(0.0, 0.0, 0.0),
+                  token_threshold=0.0):
+    """The "triton" backend of eoc_kernels.cached_branch (which checks the inputs)."""
+    coef_values, coef_tensor = split_coef(coef)
+    threshold_value, threshold_tensor = split_threshold(token_threshold)
+    return cached_branch_op(x, gate, cache, prev, delta, trend, coef_values, coef_tensor,
+                            threshold_value, threshold_tensor)

@@ -1,0 +1,147 @@
+"""Triton kernel of ``cached_segment`` (DESIGN §3): S consecutive reused blocks in one pass.
+
+Eager equivalent: ``eoc_kernels.reference.cached_segment``,
+out = x + Σ_{s,k} gates[:, s, k] ⊙ F̂_{s,k}, with Cc = cache[generation[s, k], s, k] and, when
+G == 2, Cp = cache[1 - generation[s, k], s, k]. A program loads its x rows once, loops over the
+S·2 entries inside the kernel (reading each entry's cache rows, gate and prior rows once, with the
+generation and the coefficients loaded on the device), accumulates in fp32 registers and writes
+its rows once. Blocking, zero-coefficient skipping, int64 offsets and explicit strides: see
+``_common``.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import (_corrected_feature, _row_offsets, check_runnable, pick_blocks,
+                      split_threshold)
+
+
+@triton.jit
+def _cached_segment_kernel(
+        X_ptr, Gates_ptr, Cache_ptr, Generation_ptr, Delta_ptr, Trend_ptr, Coef_ptr,
+        Threshold_ptr, Out_ptr,
+        rows, tokens, channels, blocks, delta_rows_per_head, trend_rows_per_head,
+        stride_xb, stride_xn, stride_xc,
+        stride_gb, stride_gs, stride_gk, stride_gc,
+        stride_cg, stride_cs, stride_ck, stride_cb, stride_cn, stride_cc,
+        stride_es, stride_ek,
+        stride_ds, stride_dk, stride_dh, stride_dn, stride_dc,
+        stride_ts, stride_tk, stride_th, stride_tn, stride_tc,
+        stride_qs, stride_qk, stride_qj,
+        stride_ob, stride_on, stride_oc,
+        threshold,
+        TWO_GENERATIONS: tl.constexpr, HAS_COEF: tl.constexpr, HAS_DELTA: tl.constexpr,
+        HAS_PREV: tl.constexpr, HAS_TREND: tl.constexpr, THRESHOLD_IS_TENSOR: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # flat b·N + n
+    col = tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    mask = (row < rows)[:, None] & (col < channels)
+    if THRESHOLD_IS_TENSOR:
+        threshold = tl.load(Threshold_ptr)
+
+    # Per-row tile offsets, without the entry (s, k) and generation parts.
+    gate_offs = _row_offsets(row, 1, stride_gb, 0, tokens)[:, None] + col * stride_gc
+    cache_offs = _row_offsets(row, 1, stride_cb, stride_cn, tokens)[:, None] + col * stride_cc
+    delta_offs = (_row_offsets(row, delta_rows_per_head, stride_dh, stride_dn, tokens)[:, None]
+                  + col * stride_dc)
+    trend_offs = (_row_offsets(row, trend_rows_per_head, stride_th, stride_tn, tokens)[:, None]
+                  + col * stride_tc)
+    x_offs = _row_offsets(row, 1, stride_xb, stride_xn, tokens)[:, None] + col * stride_xc
+    out = tl.load(X_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
+
+    for s in range(0, blocks):
+        s64 = tl.cast(s, tl.int64)
+        for k in tl.static_range(2):  # 0 = attention, 1 = MLP
+            alpha = 0.0
+            beta = 0.0
+            gamma = 0.0
+            if HAS_COEF:
+                coef_ptr = Coef_ptr + s64 * stride_qs + k * stride_qk
+                alpha = tl.load(coef_ptr)
+                beta = tl.load(coef_ptr + stride_qj)
+                gamma = tl.load(coef_ptr + 2 * stride_qj)
+            entry = s64 * stride_cs + k * stride_ck
+            current = entry
+            previous = entry
+            if TWO_GENERATIONS:  # generation[s, k] holds Cc, the other one Cp
+                generation = tl.load(Generation_ptr + s64 * stride_es + k * stride_ek)
+                generation = generation.to(tl.int64)
+                current = entry + generation * stride_cg
+                previous = entry + (1 - generation) * stride_cg
+            fhat = _corrected_feature(
+                Cache_ptr + current, cache_offs, Cache_ptr + previous, cache_offs,
+                Delta_ptr + s64 * stride_ds + k * stride_dk, delta_offs,
+                Trend_ptr + s64 * stride_ts + k * stride_tk, trend_offs,
+                mask, alpha, beta, gamma, threshold, HAS_DELTA, HAS_PREV, HAS_TREND)
+            gates_ptr = Gates_ptr + s64 * stride_gs + k * stride_gk
+            out += tl.load(gates_ptr + gate_offs, mask=mask, other=0.0).to(tl.float32) * fhat
+
+    out_offs = _row_offsets(row, 1, stride_ob, stride_on, tokens)[:, None] + col * stride_oc
+    tl.store(Out_ptr + out_offs, out.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(out, x, gates, cache, generation, delta, trend, coef, threshold_value,
+            threshold_tensor):
+    """Runs the kernel writing out. coef None: plain reuse, nothing but cache and gates read."""
+    batch, tokens, channels = x.shape
+    num_generations, blocks = cache.shape[:2]
+    rows = batch * tokens
+    if rows == 0 or channels == 0:
+        return out
+    block_m, block_c, num_warps = pick_blocks(channels, rows, x.device)
+    has_coef = coef is not None
+    has_delta = has_coef and delta is not None
+    has_trend = has_coef and trend is not None
+    two_generations = num_generations == 2
+    has_prev = has_coef and two_generations
+    delta_strides = delta.stride() if has_delta else (0,) * 5  # [S, 2, H, N, C]
+    trend_strides = trend.stride() if has_trend else (0,) * 5
+    _cached_segment_kernel[(triton.cdiv(rows, block_m),)](
+        x, gates, cache, generation if two_generations else x, delta if has_delta else x,
+        trend if has_trend else x, coef if has_coef else x,
+        threshold_tensor if threshold_tensor is not None else x, out,
+        rows, tokens, channels, blocks,
+        batch // delta.shape[2] if has_delta else 1, batch // trend.shape[2] if has_trend else 1,
+        *x.stride(), *gates.stride(), *cache.stride(), *generation.stride(),
+        *delta_strides, *trend_strides,
+        *(coef.stride() if has_coef else (0, 0, 0)), *out.stride(),
+        threshold_value,
+        TWO_GENERATIONS=two_generations, HAS_COEF=has_coef, HAS_DELTA=has_delta,
+        HAS_PREV=has_prev, HAS_TREND=has_trend,
+        THRESHOLD_IS_TENSOR=threshold_tensor is not None,
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+    return out
+
+
+@torch.library.custom_op("eoc::cached_segment", mutates_args=())
+def cached_segment_op(x: torch.Tensor, gates: torch.Tensor, cache: torch.Tensor,
+                      generation: torch.Tensor, delta: Optional[torch.Tensor],
+                      trend: Optional[torch.Tensor], coef: Optional[torch.Tensor],
+                      threshold_value: float,
+                      threshold_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+    """eoc::cached_segment: the Triton kernel; inputs as checked by eoc_kernels.cached_segment.
+
+    coef: float32 [S, 2, 3] or None (plain reuse). threshold_value is the token threshold unless
+    threshold_tensor (float32, one element) is given.
+    """
+    check_runnable("eoc::cached_segment", x)
+    return _launch(_common.new_output(x), x, gates, cache, generation, delta, trend, coef,
+                   threshold_value, threshold_tensor)
+
+
+@cached_segment_op.register_fake
+def _cached_segment_fake(x, gates, cache, generation, delta, trend, coef, threshold_value,
+                         threshold_tensor):
+    return torch.empty_like(x)
+
+
+def cached_segment(x, gates, cache, generation, *, delta=None, trend=None, coef=None,
+                   token_threshold=0.0):
+    """The "triton" backend of eoc_kernels.cached_segment (which checks the inputs)."""
+    threshold_value, threshold_tensor = split_threshold(token_threshold)
+    return cached_segment_op(x, gates, cache, generation, delta, trend, coef, threshold_value,
+                             threshold_tensor)
