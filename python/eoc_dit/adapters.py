@@ -14,12 +14,17 @@ blocks differ) and passing an instance to ``apply_eoc(..., adapter=...)``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .models import Attention, Mlp, modulate
 
 
 class BlockAdapter:
-    """One adaLN-Zero block: its conditioning, gates and branches. The branch outputs are pre-gate."""
+    """One adaLN-Zero block: its conditioning, gates and branches. The branch outputs are pre-gate.
+
+    ``out``, when given, is a contiguous [B, N, C] slot of the engine's cache buffer: a branch
+    writes its output there (straight from its last matmul where it can) and returns it.
+    """
 
     def modulation(self, block: nn.Module, c: torch.Tensor):
         """Whatever conditioning the branches need (computed once per block call that computes)."""
@@ -29,15 +34,21 @@ class BlockAdapter:
         """(g_attn, g_mlp), each [B, C], taken from :meth:`modulation`'s result."""
         raise NotImplementedError
 
-    def gates(self, block: nn.Module, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g_attn, g_mlp) without the rest of the modulation: a reused block needs nothing else."""
-        return self.gates_from_modulation(self.modulation(block, c))
+    def gate_rows(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight [2C, C_cond], bias [2C]) mapping :meth:`gate_input` to (g_attn, g_mlp), or None
+        when the gates are not one linear map. The engine stacks these rows of every block once,
+        so the gates of all reused blocks of a step come from one matmul."""
+        return None
 
-    def attn_branch(self, block: nn.Module, x: torch.Tensor, modulation) -> torch.Tensor:
+    def gate_input(self, block: nn.Module, c: torch.Tensor) -> torch.Tensor:
+        """The input of the gate rows (e.g. SiLU(c)); must be the same for every block."""
+        raise NotImplementedError
+
+    def attn_branch(self, block: nn.Module, x: torch.Tensor, modulation, out=None) -> torch.Tensor:
         """Attention-branch output before the gate, [B, N, C]."""
         raise NotImplementedError
 
-    def mlp_branch(self, block: nn.Module, x: torch.Tensor, modulation) -> torch.Tensor:
+    def mlp_branch(self, block: nn.Module, x: torch.Tensor, modulation, out=None) -> torch.Tensor:
         """MLP-branch output before the gate, [B, N, C]."""
         raise NotImplementedError
 
@@ -52,34 +63,42 @@ class DiTBlockAdapter(BlockAdapter):
     def gates_from_modulation(self, modulation):
         return modulation[2], modulation[5]
 
-    def gates(self, block, c):
-        # Only the gate rows of the adaLN linear: rows [2C, 3C) and [5C, 6C). Row slices of a
-        # row-major weight are contiguous views, so this reads a third of the weight and copies nothing.
+    def gate_rows(self, block):
+        # Rows [2C, 3C) and [5C, 6C) of the adaLN linear are g_attn and g_mlp.
         linear = block.adaLN_modulation[-1]
         width = linear.out_features // 6
-        hidden = block.adaLN_modulation[0](c)
-        w, b = linear.weight, linear.bias
-        g_attn = F.linear(hidden, w[2 * width : 3 * width], b[2 * width : 3 * width])
-        g_mlp = F.linear(hidden, w[5 * width : 6 * width], b[5 * width : 6 * width])
-        return g_attn, g_mlp
+        w, b = linear.weight.detach(), linear.bias.detach()
+        return (torch.cat([w[2 * width : 3 * width], w[5 * width : 6 * width]]),
+                torch.cat([b[2 * width : 3 * width], b[5 * width : 6 * width]]))
 
-    def attn_branch(self, block, x, modulation):
-        from .models import modulate
+    def gate_input(self, block, c):
+        return block.adaLN_modulation[0](c)
 
+    def attn_branch(self, block, x, modulation, out=None):
         shift, scale = modulation[0], modulation[1]
-        return block.attn(modulate(block.norm1(x), shift, scale))
+        h = modulate(block.norm1(x), shift, scale)
+        return block.attn(h, out=out) if isinstance(block.attn, Attention) else _into(out, block.attn(h))
 
-    def mlp_branch(self, block, x, modulation):
-        from .models import modulate
-
+    def mlp_branch(self, block, x, modulation, out=None):
         shift, scale = modulation[3], modulation[4]
-        return block.mlp(modulate(block.norm2(x), shift, scale))
+        h = modulate(block.norm2(x), shift, scale)
+        return block.mlp(h, out=out) if isinstance(block.mlp, Mlp) else _into(out, block.mlp(h))
+
+
+def _into(out, value):
+    return value if out is None else out.copy_(value)
 
 
 class ModelAdapter:
-    """Where a model keeps its blocks and how its forward receives the timestep and the block inputs."""
+    """Where a model keeps its blocks and how its forward receives the timestep and the block inputs.
+
+    ``sequential_blocks``: the model runs its blocks one after the other, each feeding the next
+    (``x = block(x, c)``). Then a run of consecutive reused blocks is served by ONE fused op in the
+    first block of the run, and the others pass their input through.
+    """
 
     block_adapter: BlockAdapter = BlockAdapter()
+    sequential_blocks: bool = False
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
@@ -98,6 +117,7 @@ class DiTAdapter(ModelAdapter):
     ``block(x, c)`` — the layout of the original DiT release."""
 
     block_adapter = DiTBlockAdapter()
+    sequential_blocks = True
 
     def blocks(self, model):
         if not hasattr(model, "blocks"):

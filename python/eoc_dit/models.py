@@ -143,6 +143,18 @@ class LabelEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def _linear(linear: nn.Linear, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``linear(x)`` for x [B, N, C_in]; with ``out`` [B, N, C_out] the result is written into it
+    (``torch.addmm(..., out=)``, the op ``F.linear`` runs for a contiguous 3-D input)."""
+    if out is None:
+        return linear(x)
+    if torch.is_grad_enabled():  # out= ops are not differentiable: compute, then copy
+        return out.copy_(linear(x))
+    flat = x.reshape(-1, x.shape[-1])
+    torch.addmm(linear.bias, flat, linear.weight.t(), out=out.view(flat.shape[0], -1))
+    return out
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection (timm's ``Attention`` names)."""
 
@@ -155,13 +167,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, N, C] → [B, N, C]; with ``out`` (a contiguous [B, N, C] tensor) the output
+        projection writes straight into it (the caching engine passes a slot of its cache buffer)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, N, D]
         x = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
         x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
+        return _linear(self.proj, x, out)
 
 
 class Mlp(nn.Module):
@@ -173,8 +187,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, N, C] → [B, N, C]; ``out`` as in :meth:`Attention.forward`."""
+        return _linear(self.fc2, self.act(self.fc1(x)), out)
 
 
 class DiTBlock(nn.Module):

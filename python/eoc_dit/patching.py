@@ -1,16 +1,24 @@
-"""Patching a DiT for cached sampling with the EOC correction (DESIGN §2 and §4).
+"""Patching a DiT for cached sampling with the EOC correction (DESIGN §2, §3 and §4).
 
 ``apply_eoc(model, schedule, prior, config)`` replaces the forward of the model and of each block
-with versions that follow the schedule: a computing branch runs and its output (pre-gate) is kept
-as the cache; a reusing branch is replaced by the op ``eoc_kernels.cached_branch`` (or
-``cached_block`` when both branches of a block reuse), which adds the corrected cache
+with versions that follow the schedule:
 
-    F̂ = Cc + α·D + β·(Cc − Cp) + γ·(Cc ⊙ E)
+- a computing branch runs and writes its output (pre-gate) straight into its slot of the stacked
+  cache buffer [G, L, 2, B, N, C] (G = 2 generations when the correction reads the feature before
+  the latest, else 1; generations flip by index, never by copy);
+- a run of consecutive fully reused blocks is ONE ``eoc_kernels.cached_segment`` call, made by the
+  first block of the run (the others pass their input through), with the gates of every reused
+  block of the step from ONE matmul against the gate rows of all adaLN weights, stacked at patch
+  time — under FORA a whole cached step is one segment pass;
+- a block that reuses one branch and computes the other uses ``eoc_kernels.cached_branch``.
 
-with per-entry coefficients from the config's preset and the offline judgment. ``remove_eoc`` puts
-back the exact original forwards. The patched model counts its forward calls as steps and starts
-over when a new run begins (the timestep goes up), so third-party samplers need no changes; this
-package's samplers also announce each step (``step_protocol``) so no timestep is read back.
+Every reused feature is corrected as F̂ = Cc + α·D + β·(Cc − Cp) + γ·(Cc ⊙ E), with per-entry
+coefficients from the config's preset and the offline judgment. ``remove_eoc`` puts back the exact
+original forwards. The patched model counts its forward calls as steps and starts over when a new
+run begins (the timestep goes up), so third-party samplers need no changes; this package's samplers
+also announce each step (``step_protocol``) so no timestep is read back.
+
+The stacked gate rows are a copy taken at patch time: re-apply the patch after changing weights.
 """
 
 from __future__ import annotations
@@ -44,6 +52,18 @@ class EntryPlan:
     @property
     def corrected(self) -> bool:
         return any(c != 0.0 for c in self.coef)
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Blocks [start, stop) fully reused at one step, and the device tensors of ``cached_segment``."""
+
+    start: int
+    stop: int
+    generation: torch.Tensor  # int32 [S, 2]
+    coef: torch.Tensor | None  # float32 [S, 2, 3]; None = plain reuse
+    delta: torch.Tensor | None  # [S, 2, H, N, C]
+    trend: torch.Tensor | None
 
 
 def _check_model(model) -> None:
@@ -99,9 +119,16 @@ class EOCHandle:
             self._fixed_num_steps = prior.num_steps
         self._mask = None
         if self._fixed_num_steps is not None:
-            self._mask = schedule.mask(self._fixed_num_steps, self.num_blocks)
-        # Only the extrapolating correction reads Cp: keep the previous generation only then.
-        self._keep_previous = config is not None and config.mode == "extrapolate"
+            self._set_mask(schedule.mask(self._fixed_num_steps, self.num_blocks))
+        # Only the extrapolating correction reads Cp: keep a second generation only then.
+        self._generations = 2 if config is not None and config.mode == "extrapolate" else 1
+        self._segments: dict[tuple, _Segment] = {}
+        # The gate rows of every block stacked once ([L·2C, C]), so one matmul gives all gates of a step.
+        rows = [self.adapter.block_adapter.gate_rows(block) for block in self.blocks]
+        self._gate_weight = self._gate_bias = None
+        if all(r is not None for r in rows):
+            self._gate_weight = torch.cat([w for w, _ in rows])
+            self._gate_bias = torch.cat([b for _, b in rows])
         self._judged = prior is not None and config is not None and (config.judge_threshold > 0 or config.min_gain is not None)
         self._plans: dict[tuple[int, int, int], EntryPlan] = {}
         self._prior_tensors: dict[tuple, torch.Tensor] = {}
@@ -194,22 +221,42 @@ class EOCHandle:
             raise ValueError(f"cfg mismatch: the prior was calibrated with cfg_scale={self.prior.cfg_scale} "
                              f"(CFG {'on' if self.prior.uses_cfg else 'off'}), the sampler runs with CFG {'on' if cfg else 'off'}")
         if self._fixed_num_steps is None:
-            self._mask = self.schedule.mask(num_steps, self.num_blocks)
+            self._set_mask(self.schedule.mask(num_steps, self.num_blocks))
 
     def _reset_caches(self) -> None:
-        self._current = [[None, None] for _ in range(self.num_blocks)]  # Cc: latest computed output
-        self._previous = [[None, None] for _ in range(self.num_blocks)]  # Cp: the one before it
+        self._buffer = None  # [G, L, 2, B, N, C], allocated at the first computed branch of a run
+        self._step_gates = None  # (step, gates [B, L, 2, C]) of the step being run
+
+    def _set_mask(self, mask: torch.Tensor) -> None:
+        self._mask = mask
+        # computes[t, l, k] = how many times (l, k) computed before step t: picks buffer generations.
+        self._computes = torch.cat([torch.zeros(1, *mask.shape[1:], dtype=torch.long), mask.long().cumsum(0)])
 
     def _mask_row(self, step: int) -> torch.Tensor:
         if self._mask is None or step >= self._mask.shape[0]:
-            self._mask = self.schedule.mask(max(_OPEN_MASK_STEPS, 2 * (step + 1)), self.num_blocks)
+            self._set_mask(self.schedule.mask(max(_OPEN_MASK_STEPS, 2 * (step + 1)), self.num_blocks))
         return self._mask[step]
+
+    # ----------------------------------------------------------------------------- the cache buffer
+    # Entry (l, k) writes its c-th computed output into generation c % G, so at a reuse step Cc is
+    # in generation (n - 1) % G and Cp in (n - 2) % G, n = computes before the step. G = 2 only when
+    # the correction reads Cp; the generations flip by index, never by copying.
+    def _current_generation(self, step: int, block: int, branch: int) -> int:
+        return (int(self._computes[step, block, branch]) - 1) % self._generations
+
+    def _write_slot(self, step: int, block: int, branch: int, x: torch.Tensor) -> torch.Tensor:
+        shape = (self._generations, self.num_blocks, 2) + tuple(x.shape)
+        buffer = self._buffer
+        if buffer is None or buffer.shape != shape or buffer.dtype != x.dtype or buffer.device != x.device:
+            buffer = self._buffer = torch.empty(shape, dtype=x.dtype, device=x.device)
+        return buffer[int(self._computes[step, block, branch]) % self._generations, block, branch]
 
     # ----------------------------------------------------------------------------- plans
     def _plan(self, step: int, block: int, branch: int) -> EntryPlan:
         key = (step, block, branch)
         plan = self._plans.get(key)
         if plan is None:
+            self._mask_row(step)
             source, previous = source_steps(self._mask, step, block, branch)
             coef = (0.0, 0.0, 0.0)
             if self.config is not None:
@@ -233,6 +280,7 @@ class EOCHandle:
         return coef
 
     def _prior_term(self, kind: str, step: int, source: int, block: int, branch: int, like: torch.Tensor):
+        """The prior delta D or trend E of one entry, [H, N, C] in ``like``'s dtype and device (cached)."""
         key = (kind, step, source, block, branch, like.device, like.dtype)
         tensor = self._prior_tensors.get(key)
         if tensor is None:
@@ -242,60 +290,106 @@ class EOCHandle:
             tensor = self._prior_tensors[key]
         return tensor
 
-    def _reuse_arguments(self, step: int, block: int, branch: int) -> dict:
-        """Keyword arguments of the cached ops for one reuse entry; a zero coefficient passes None."""
+    def _branch_arguments(self, step: int, block: int, branch: int, like: torch.Tensor) -> dict:
+        """Keyword arguments of ``cached_branch`` for one reuse entry; a zero coefficient passes None."""
         plan = self._plan(step, block, branch)
-        cache = self._current[block][branch]
-        if cache is None:
-            raise RuntimeError(f"no cached {BRANCHES[branch]} output for block {block} at step {step}")
+        current = self._current_generation(step, block, branch)
         alpha, beta, gamma = plan.coef
-        args = {"cache": cache, "prev": None, "delta": None, "trend": None, "coef": plan.coef}
+        args = {"cache": self._buffer[current, block, branch], "prev": None, "delta": None, "trend": None,
+                "coef": plan.coef}
         if beta != 0.0:
-            args["prev"] = self._previous[block][branch]
+            args["prev"] = self._buffer[1 - current, block, branch]
         if alpha != 0.0:
-            args["delta"] = self._prior_term("delta", step, plan.source, block, branch, cache)
+            args["delta"] = self._prior_term("delta", step, plan.source, block, branch, like)
         if gamma != 0.0:
-            args["trend"] = self._prior_term("trend", step, plan.source, block, branch, cache)
+            args["trend"] = self._prior_term("trend", step, plan.source, block, branch, like)
         return args
 
-    # ----------------------------------------------------------------------------- the block
-    def _store(self, step: int, block: int, branch: int, feature: torch.Tensor) -> None:
-        if self._keep_previous:
-            self._previous[block][branch] = self._current[block][branch]
-        self._current[block][branch] = feature
-        if self.observer is not None:
-            self.observer(step, block, branch, feature)
+    def _segment(self, step: int, block: int, like: torch.Tensor) -> _Segment:
+        """The run of consecutive fully reused blocks that holds ``block`` at ``step``, with its
+        device-side arguments (built once per step, device and dtype; no host sync afterwards)."""
+        key = (step, block, like.device, like.dtype)
+        segment = self._segments.get(key)
+        if segment is not None:
+            return segment
+        row = self._mask_row(step)
+        reused = [not bool(row[l].any()) for l in range(self.num_blocks)]
+        start, stop = block, block + 1
+        if self.adapter.sequential_blocks:
+            while start > 0 and reused[start - 1]:
+                start -= 1
+            while stop < self.num_blocks and reused[stop]:
+                stop += 1
+        entries = [(l, k) for l in range(start, stop) for k in range(2)]
+        plans = [self._plan(step, l, k) for l, k in entries]
+        S = stop - start
+        generation = torch.tensor([self._current_generation(step, l, k) for l, k in entries], dtype=torch.int32)
+        coef = delta = trend = None
+        if any(plan.corrected for plan in plans):
+            coef = torch.tensor([plan.coef for plan in plans], dtype=torch.float32).view(S, 2, 3)
+            coef = coef.to(like.device)
 
+            def stack(kind, index):
+                if all(plan.coef[index] == 0.0 for plan in plans):
+                    return None
+                first = next(plan for plan in plans if plan.coef[index] != 0.0)
+                shape = self._prior_term(kind, step, first.source, start, 0, like).shape
+                return torch.stack([self._prior_term(kind, step, plan.source, l, k, like) if plan.coef[index] != 0.0
+                                    else like.new_zeros(shape) for plan, (l, k) in zip(plans, entries)]).view(S, 2, *shape)
+
+            delta, trend = stack("delta", 0), stack("trend", 2)
+        segment = _Segment(start, stop, generation.view(S, 2).to(like.device), coef, delta, trend)
+        for l in range(start, stop):
+            self._segments[(step, l, like.device, like.dtype)] = segment
+        return segment
+
+    def _segment_gates(self, segment: _Segment, step: int, c: torch.Tensor) -> torch.Tensor:
+        """Gates [B, S, 2, C] of a segment; with stacked gate rows, ONE matmul per step serves every block."""
+        block_adapter = self.adapter.block_adapter
+        if self._gate_weight is None:
+            gates = [torch.stack(block_adapter.gates_from_modulation(block_adapter.modulation(self.blocks[l], c)), dim=1)
+                     for l in range(segment.start, segment.stop)]
+            return torch.stack(gates, dim=1)
+        if self._step_gates is None or self._step_gates[0] != step:
+            weight, bias = self._gate_weight, self._gate_bias
+            if weight.device != c.device or weight.dtype != c.dtype:  # the model moved after patching
+                weight, bias = self._gate_weight, self._gate_bias = weight.to(c), bias.to(c)
+            hidden = block_adapter.gate_input(self.blocks[0], c)  # [B, C_cond]
+            self._step_gates = (step, torch.nn.functional.linear(hidden, weight, bias).view(c.shape[0], self.num_blocks, 2, -1))
+        return self._step_gates[1][:, segment.start : segment.stop]
+
+    # ----------------------------------------------------------------------------- the block
     def _make_block_forward(self, index: int, block: nn.Module, original_forward):
         block_adapter = self.adapter.block_adapter
+        branches = (block_adapter.attn_branch, block_adapter.mlp_branch)
 
         def forward(*args, **kwargs):
             if not self._in_forward:  # called outside a model forward: behave as the plain block
                 return original_forward(*args, **kwargs)
             x, c = self.adapter.block_inputs(args, kwargs)
             step = self.step
-            compute_attn, compute_mlp = (bool(v) for v in self._mask_row(step)[index])
+            computes = [bool(v) for v in self._mask_row(step)[index]]
             backend = self._backend()
             token_threshold = self.config.token_threshold if self.config is not None else 0.0
-            if not compute_attn and not compute_mlp:
-                g_attn, g_mlp = block_adapter.gates(block, c)
-                attn = self._reuse_arguments(step, index, 0)
-                mlp = self._reuse_arguments(step, index, 1)
-                return eoc_kernels.cached_block(
-                    x, g_attn, g_mlp, attn["cache"], mlp["cache"],
-                    prev_attn=attn["prev"], prev_mlp=mlp["prev"], delta_attn=attn["delta"], delta_mlp=mlp["delta"],
-                    trend_attn=attn["trend"], trend_mlp=mlp["trend"], coef_attn=attn["coef"], coef_mlp=mlp["coef"],
+            if not any(computes):
+                segment = self._segment(step, index, x)
+                if index != segment.start:  # the first block of the run already added this one
+                    return x
+                return eoc_kernels.cached_segment(
+                    x, self._segment_gates(segment, step, c), self._buffer[:, segment.start : segment.stop],
+                    segment.generation, delta=segment.delta, trend=segment.trend, coef=segment.coef,
                     token_threshold=token_threshold, backend=backend)
             modulation = block_adapter.modulation(block, c)
             gates = block_adapter.gates_from_modulation(modulation)
-            branches = (block_adapter.attn_branch, block_adapter.mlp_branch)
-            for branch, computes in enumerate((compute_attn, compute_mlp)):
-                if computes:
-                    feature = branches[branch](block, x, modulation)  # [B, N, C]
-                    self._store(step, index, branch, feature)
+            for branch in range(2):
+                if computes[branch]:
+                    slot = self._write_slot(step, index, branch, x)
+                    feature = branches[branch](block, x, modulation, out=slot)  # [B, N, C], in the buffer
+                    if self.observer is not None:
+                        self.observer(step, index, branch, feature)
                     x = x + gates[branch].unsqueeze(1) * feature
                 else:
-                    x = eoc_kernels.cached_branch(x, gates[branch], **self._reuse_arguments(step, index, branch),
+                    x = eoc_kernels.cached_branch(x, gates[branch], **self._branch_arguments(step, index, branch, x),
                                                   token_threshold=token_threshold, backend=backend)
             return x
 
@@ -323,6 +417,7 @@ def apply_eoc(model: nn.Module, schedule: Schedule, prior=None, config: EOCConfi
     adapter: how to reach the blocks of a model that is not laid out like ``eoc_dit.DiT``.
     observer: called as ``observer(step, block, branch, feature)`` for every computed branch output
         (``branch`` 0 = attention, 1 = MLP; ``feature`` [B, N, C], pre-gate) — calibration uses it.
+        ``feature`` is a slot of the cache buffer, overwritten later: copy what you keep.
     Returns a handle; ``handle.remove()``, ``remove_eoc(model)`` or ``with apply_eoc(...):`` undo it.
     """
     return EOCHandle(model, schedule, prior, config, adapter=adapter, observer=observer)

@@ -292,7 +292,7 @@ class _StatAccumulator:
 
     def __call__(self, step, block, branch, feature):
         H = self.num_halves
-        f_t = feature.detach().float().view(H, -1, *feature.shape[1:])  # [H, B, N, C]
+        f_t = feature.detach().to(torch.float32, copy=True).view(H, -1, *feature.shape[1:])  # [H, B, N, C]; the slot is reused
         window = self.window.setdefault((block, branch), {})
         if step == 0:
             window.clear()

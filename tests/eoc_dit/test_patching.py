@@ -327,8 +327,8 @@ def test_schedule_gap_beyond_prior_max_gap(model, prior):
 
 
 def test_unavailable_backend_fails_at_patch_time(model):
-    with pytest.raises(ValueError, match="triton.*not available"):
-        apply_eoc(model, FORASchedule(2), config=EOCConfig(mode="extrapolate", backend="triton"))
+    with pytest.raises(ValueError, match="cuda.*not available"):  # the CUDA C++ backend is not built
+        apply_eoc(model, FORASchedule(2), config=EOCConfig(mode="extrapolate", backend="cuda"))
     assert not hasattr(model, "_eoc_handle")
 
 
