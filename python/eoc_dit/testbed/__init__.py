@@ -1,0 +1,116 @@
+"""The testbed: a small class-conditional DiT trained on Fashion-MNIST with this repository's own
+scripts (``eoc train-testbed``, ``eoc train-classifier``), shipped in the package so that caching
+quality can be judged on a real, trained model, with the metrics to judge it:
+
+- ``psnr(images, reference)`` and ``fd(images_a, images_b)``: fidelity of a caching method, measured
+  against the uncached samples from the same noise (the targets);
+- ``fd_to_data(images)`` (against the shipped test-split statistics) and
+  ``classifier_accuracy(images, labels)``: reported, but not fidelity targets (DESIGN §2).
+
+Images are [B, 1, 28, 28] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+
+from .classifier import (CLASSIFIER_NAME, FEATURE_STATS_NAME, FashionCNN, batched, feature_statistics,
+                         frechet_distance)
+from .train import CARD_NAME, CHECKPOINT_NAME, TrainConfig
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+__all__ = ["ASSETS", "load_model", "model_card", "features", "fd", "fd_to_data", "classifier_accuracy", "psnr"]
+
+
+def _asset(name: str) -> str:
+    path = os.path.join(ASSETS, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shipped testbed file missing: {path} (reinstall the package, or recreate it "
+                                f"with 'eoc train-testbed' / 'eoc train-classifier')")
+    return path
+
+
+def _load_state(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupted or truncated file: one clear line, not an unpickling trace
+        raise ValueError(f"shipped testbed file unreadable: {path} ({type(exc).__name__})") from None
+
+
+def model_card() -> dict:
+    with open(_asset(CARD_NAME)) as f:
+        return json.load(f)
+
+
+def load_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The shipped testbed DiT in eval mode (EMA weights, stored in fp16, returned in ``dtype``)."""
+    card = model_card()
+    config = TrainConfig(**card["config"])
+    model = config.build_model()
+    state = _load_state(_asset(CHECKPOINT_NAME))
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except (RuntimeError, AttributeError) as exc:
+        raise ValueError(f"shipped testbed checkpoint does not match its model card: {str(exc).splitlines()[0]}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _classifier() -> FashionCNN:
+    model = FashionCNN()
+    try:
+        model.load_state_dict(_load_state(_asset(CLASSIFIER_NAME)))
+    except (RuntimeError, AttributeError) as exc:
+        raise ValueError(f"shipped classifier weights do not match FashionCNN: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor [B, 1, 28, 28], got {type(images).__name__}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28) or images.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [B, 1, 28, 28] with B >= 1, got {list(images.shape)}")
+    return images.detach().float().cpu().clamp(-1.0, 1.0)
+
+
+def features(images: torch.Tensor) -> torch.Tensor:
+    """The classifier's 128-d penultimate features, [B, 128] (fp32, CPU)."""
+    return batched(_classifier().features, _check_images(images))
+
+
+def fd(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
+    """Fréchet distance between two image sets in the classifier's feature space."""
+    stats_a = feature_statistics(features(_check_images(images_a, "images_a")))
+    stats_b = feature_statistics(features(_check_images(images_b, "images_b")))
+    return frechet_distance(*stats_a, *stats_b)
+
+
+def fd_to_data(images: torch.Tensor) -> float:
+    """Fréchet distance to the Fashion-MNIST test split (its feature statistics ship in the package)."""
+    stats = _load_state(_asset(FEATURE_STATS_NAME))
+    return frechet_distance(*feature_statistics(features(images)), stats["mean"], stats["cov"])
+
+
+def classifier_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of images the classifier assigns to their conditioning label."""
+    images = _check_images(images)
+    if not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1]:
+        raise ValueError(f"labels must be a tensor of shape [{images.shape[0]}], got {getattr(labels, 'shape', labels)}")
+    predictions = batched(_classifier(), images).argmax(1)
+    return float((predictions == labels.cpu()).float().mean())
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over images of 10·log10(peak² / MSE) with peak-to-peak 2 (values in [-1, 1]); identical
+    images count as 100 dB so that one exact match cannot make the mean infinite."""
+    a, b = _check_images(images), _check_images(reference, "reference")
+    if a.shape != b.shape:
+        raise ValueError(f"images {list(a.shape)} and reference {list(b.shape)} must have the same shape")
+    mse = (a - b).double().pow(2).flatten(1).mean(1)
+    values = torch.where(mse > 0, 10 * torch.log10(4.0 / mse.clamp(min=1e-30)), torch.full_like(mse, 100.0))
+    return float(values.clamp(max=100.0).mean())

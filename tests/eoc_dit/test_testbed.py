@@ -1,0 +1,117 @@
+"""The testbed's data reader, training scripts and metrics, on small synthetic data."""
+
+import gzip
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from eoc_dit.testbed import classifier_accuracy, psnr
+from eoc_dit.testbed.classifier import FashionCNN, frechet_distance, train_classifier
+from eoc_dit.testbed.data import load_fashion_mnist, read_idx
+from eoc_dit.testbed.train import TrainConfig, train_testbed
+
+
+def write_idx(path, array, compress=True):
+    array = np.asarray(array, dtype=np.uint8)
+    payload = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    with (gzip.open if compress else open)(path, "wb") as f:
+        f.write(payload)
+
+
+@pytest.fixture
+def fake_dataset(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("t10k", 12)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    monkeypatch.setenv("EOC_FASHION_MNIST", str(tmp_path))
+    return tmp_path
+
+
+def test_read_idx_round_trip(tmp_path):
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    for compress in (True, False):
+        path = tmp_path / ("a.gz" if compress else "a")
+        write_idx(path, array, compress)
+        assert np.array_equal(read_idx(str(path)), array)
+
+
+def test_read_idx_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        read_idx(str(tmp_path / "missing.gz"))
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an idx file"):
+        read_idx(str(tmp_path / "bad"))
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"abc")
+    with pytest.raises(ValueError, match="does not match shape"):
+        read_idx(str(tmp_path / "short"))
+
+
+def test_load_fashion_mnist_scales_to_unit_range(fake_dataset):
+    images, labels = load_fashion_mnist("train")
+    assert images.shape == (40, 1, 28, 28) and labels.shape == (40,) and labels.dtype == torch.int64
+    raw = read_idx(str(fake_dataset / "train-images-idx3-ubyte.gz"))
+    torch.testing.assert_close(images[:, 0], torch.from_numpy(raw.astype(np.float32)) / 127.5 - 1)
+    with pytest.raises(ValueError, match="split"):
+        load_fashion_mnist("validation")
+
+
+def test_train_testbed_is_seeded_and_writes_a_loadable_checkpoint(tmp_path):
+    images = torch.rand(32, 1, 28, 28) * 2 - 1
+    labels = torch.randint(0, 10, (32,))
+    config = TrainConfig(hidden_size=32, depth=2, num_heads=2, iterations=3, batch_size=8, warmup=1)
+    cards, states = [], []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        out.mkdir()
+        cards.append(train_testbed(config, str(out), images=images, labels=labels, progress=False))
+        states.append(torch.load(out / "testbed_dit.pt", weights_only=True))
+    assert cards[0]["iterations_run"] == 3 and cards[0]["config"]["depth"] == 2
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # same seed, same weights
+    model = config.build_model()
+    model.load_state_dict({k: v.float() for k, v in states[0].items()})
+    with pytest.raises(ValueError, match="writable folder"):
+        train_testbed(config, str(tmp_path / "nowhere"), images=images, labels=labels, progress=False)
+
+
+def test_train_classifier_writes_weights_and_statistics(tmp_path):
+    train = (torch.rand(64, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (64,)))
+    test = (torch.rand(16, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (16,)))
+    card = train_classifier(str(tmp_path), epochs=1, batch_size=32, progress=False, data=(train, test))
+    assert 0.0 <= card["test_accuracy"] <= 1.0
+    stats = torch.load(tmp_path / "test_feature_stats.pt", weights_only=True)
+    assert stats["mean"].shape == (128,) and stats["cov"].shape == (128, 128) and stats["num_images"] == 16
+    model = FashionCNN()
+    model.load_state_dict(torch.load(tmp_path / "classifier.pt", weights_only=True))
+
+
+def test_frechet_distance_matches_the_gaussian_formula():
+    # Diagonal covariances: FD = ||μa − μb||² + Σ (σa − σb)².
+    mean_a, mean_b = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    var_a, var_b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 4.0, 1.0])
+    expected = 1 + 4 + (1 - 2) ** 2 + 0 + (3 - 1) ** 2
+    assert frechet_distance(mean_a, torch.diag(var_a), mean_b, torch.diag(var_b)) == pytest.approx(expected)
+    # Invariant to a rotation of both sets, zero against itself.
+    q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
+    cov = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]], dtype=torch.float64)
+    assert frechet_distance(mean_a, cov, mean_a, cov) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(q @ mean_a.double(), q @ cov @ q.T, q @ mean_b.double(), q @ torch.diag(var_b).double() @ q.T) == \
+        pytest.approx(frechet_distance(mean_a, cov, mean_b, torch.diag(var_b)))
+
+
+def test_psnr_values():
+    reference = torch.rand(3, 1, 28, 28) * 1.6 - 0.8
+    assert psnr(reference + 0.1, reference) == pytest.approx(10 * math.log10(4 / 0.01), rel=1e-4)
+    assert psnr(reference, reference) == 100.0
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(reference[:2], reference)
+    with pytest.raises(ValueError, match=r"\[B, 1, 28, 28\]"):
+        psnr(torch.zeros(2, 3, 28, 28), torch.zeros(2, 3, 28, 28))
+
+
+def test_metric_input_checks():
+    with pytest.raises(TypeError, match="images"):
+        classifier_accuracy(torch.zeros(2, 1, 28, 28, dtype=torch.long), torch.zeros(2))
