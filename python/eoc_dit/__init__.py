@@ -8,15 +8,16 @@ corrected features. The ops themselves live in ``eoc_kernels``.
 from .adapters import BlockAdapter, DiTAdapter, DiTBlockAdapter, ModelAdapter
 from .config import EOCConfig
 from .diffusion import DDIMSampler, DDPMSampler
+from .fitting import fit_coefficients
 from .models import DiT, DiT_models, load_dit
 from .patching import EOCHandle, apply_eoc, remove_eoc
-from .prior import Prior, calibrate, model_fingerprint, noise_for_seed
+from .prior import CoefficientFit, Prior, calibrate, model_fingerprint, noise_for_seed
 from .schedules import FORASchedule, MaskSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockAdapter", "DiTAdapter", "DiTBlockAdapter", "ModelAdapter", "EOCConfig", "DDIMSampler", "DDPMSampler",
-    "DiT", "DiT_models", "load_dit", "EOCHandle", "apply_eoc", "remove_eoc", "Prior", "calibrate",
+    "DiT", "DiT_models", "load_dit", "fit_coefficients", "CoefficientFit", "EOCHandle", "apply_eoc", "remove_eoc", "Prior", "calibrate",
     "model_fingerprint", "noise_for_seed", "FORASchedule", "MaskSchedule",
 ]

@@ -137,8 +137,15 @@ def cmd_calibrate(args) -> None:
     model = _load_model(args)
     sampler = _make_sampler(args)
     start = time.perf_counter()
+    schedules = [_parse_schedule(text) for text in args.fit]  # before the long run, so a typo fails first
     prior = calibrate(model, sampler, labels, seeds, cfg_scale=args.cfg_scale,
                       max_gap=args.max_gap, holdout=args.holdout, progress=True, batch_size=args.batch_size)
+    for schedule in schedules:
+        from .fitting import fit_coefficients
+
+        fit = fit_coefficients(model, sampler, schedule, prior, labels, seeds, progress=True)
+        prior.add_fit(fit)
+        print(f"fitted {schedule}: {fit.info['corrected_entries']} of {fit.info['reuse_entries']} reuse entries corrected")
     prior.save(args.out, dtype=STORAGE_DTYPES[args.dtype])
     print(f"{prior} written to {args.out} in {time.perf_counter() - start:.1f} s")
 
@@ -224,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gap", type=int, default=4, help="largest reuse gap the judgment statistics cover (default 4)")
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of pairs kept for the judgment statistics")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype of the mean")
+    p.add_argument("--fit", nargs="*", default=[], metavar="SCHEDULE",
+                   help="also fit the calibrated mode's coefficients, in closed loop on the same pairs, for "
+                        "each schedule (e.g. fora:3 fora:4); they are stored in the prior")
     p.add_argument("--out", required=True, help="output prior file (.safetensors)")
     p.set_defaults(func=cmd_calibrate)
 
@@ -232,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampler_args(p)
     p.add_argument("--schedule", default="none", help=SCHEDULE_HELP)
-    p.add_argument("--mode", choices=("none", "trend", "delta", "extrapolate"), default="none",
-                   help="EOC correction preset; 'none' = plain caching")
+    p.add_argument("--mode", choices=("none", "trend", "delta", "extrapolate", "calibrated"), default="none",
+                   help="EOC correction; 'none' = plain caching; 'calibrated' needs a prior fitted for the schedule")
     p.add_argument("--theta", type=float, default=None, help="the preset's coefficient (default: the preset's)")
     p.add_argument("--prior", default=None, help="prior file from 'eoc calibrate' (trend and delta need one)")
     p.add_argument("--out", required=True, help="output: .npy (all samples) or .png (grid; 1- or 3-channel models)")

@@ -7,6 +7,9 @@ E = clamp(D / (|A[s]| + eps), −1, 1) its trend embedding. A preset fixes (α, 
 - ``"trend"``       γ = θ (the paper's multiplicative form F·(1 + θ·E)); needs a prior.
 - ``"delta"``       α = θ (the prior's mean change added); needs a prior.
 - ``"extrapolate"`` β = θ·(t − s)/(s − p) (this sample's own first-order trend); needs no prior.
+
+``"calibrated"`` has no θ: (α, β, γ) per entry were fitted in closed loop for the schedule at hand
+(``eoc_dit.fit_coefficients``) and are stored in the prior, the offline judgment included.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MODES = ("trend", "delta", "extrapolate")
-PRIOR_MODES = ("trend", "delta")
+MODES = ("trend", "delta", "extrapolate", "calibrated")
+PRIOR_MODES = ("trend", "delta", "calibrated")
 # θ when none is given: the values of the feasibility probe in DESIGN §2.
 DEFAULT_THETA = {"trend": 0.2, "delta": 1.0, "extrapolate": 1.0}
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
@@ -35,13 +38,14 @@ def _check_number(value, name: str, *, allow_none: bool = False, minimum: float 
 class EOCConfig:
     """How reused features are corrected.
 
-    mode: ``"trend"`` | ``"delta"`` | ``"extrapolate"`` (see the module docstring).
+    mode: ``"trend"`` | ``"delta"`` | ``"extrapolate"`` | ``"calibrated"`` (see the module docstring).
     theta: the coefficient of the preset's term; None takes the preset's default (``DEFAULT_THETA``).
     judge_threshold: offline judgment — an entry is corrected only where plain reuse has a calibration
         relative error E||F[t]−F[s]||² / E||F[t]||² above this. Needs a prior when > 0.
     min_gain: offline judgment — and only where the correction lowers the calibration error by at
         least this fraction; None switches the gain test off. Applied only when a prior is given
-        (without one there is nothing to measure the gain on).
+        (without one there is nothing to measure the gain on). In mode 'calibrated' both were
+        applied when the coefficients were fitted and are not applied again.
     token_threshold: online judgment inside the op — a token is corrected only if
         ||corr|| / (||Cc|| + 1e-6) > token_threshold; <= 0 corrects every token.
     backend: op backend, ``"auto"`` or a name from ``eoc_kernels.available_backends``.
@@ -56,9 +60,10 @@ class EOCConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            hint = " (the calibrated mode is not available yet)" if self.mode == "calibrated" else ""
-            raise ValueError(f"EOCConfig.mode must be one of {MODES}, got {self.mode!r}{hint}")
+            raise ValueError(f"EOCConfig.mode must be one of {MODES}, got {self.mode!r}")
         _check_number(self.theta, "theta", allow_none=True)
+        if self.mode == "calibrated" and self.theta is not None:
+            raise ValueError("EOCConfig.theta has no meaning in mode 'calibrated' (its coefficients are fitted)")
         _check_number(self.judge_threshold, "judge_threshold", minimum=0.0)
         _check_number(self.min_gain, "min_gain", allow_none=True)
         _check_number(self.token_threshold, "token_threshold")
@@ -71,11 +76,13 @@ class EOCConfig:
 
     @property
     def effective_theta(self) -> float:
+        if self.mode == "calibrated":
+            raise ValueError("mode 'calibrated' has no θ")
         return DEFAULT_THETA[self.mode] if self.theta is None else float(self.theta)
 
     def coefficients(self, step: int, source: int, previous: int | None) -> tuple[float, float, float]:
         """(α, β, γ) of this preset for a reuse entry at ``step`` with source step ``source`` and the
-        compute step ``previous`` before it (None when there is none)."""
+        compute step ``previous`` before it (None when there is none). Not for mode 'calibrated'."""
         theta = self.effective_theta
         if self.mode == "delta":
             return (theta, 0.0, 0.0)

@@ -79,7 +79,7 @@ class EOCHandle:
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, prior=None, config: EOCConfig | None = None,
-                 *, adapter: ModelAdapter | None = None, observer=None):
+                 *, adapter: ModelAdapter | None = None, observer=None, fitter=None):
         _check_model(model)
         if getattr(model, HANDLE_ATTR, None) is not None:
             raise ValueError("model is already patched: call remove_eoc(model) first")
@@ -103,6 +103,7 @@ class EOCHandle:
         self.config = config
         self.adapter = adapter if adapter is not None else DiTAdapter()
         self.observer = observer
+        self.fitter = fitter  # closed-loop fitting (fitting.py): called at every reuse entry
         self.blocks = self.adapter.blocks(model)
         self.num_blocks = len(self.blocks)
         if self.num_blocks == 0:
@@ -120,8 +121,16 @@ class EOCHandle:
         self._mask = None
         if self._fixed_num_steps is not None:
             self._set_mask(schedule.mask(self._fixed_num_steps, self.num_blocks))
-        # Only the extrapolating correction reads Cp: keep a second generation only then.
-        self._generations = 2 if config is not None and config.mode == "extrapolate" else 1
+        self._fit = None
+        if config is not None and config.mode == "calibrated":
+            self._fit = prior.fit_for(self._mask)
+            if self._fit is None:
+                raise ValueError(f"the prior has no coefficients fitted for {schedule!r}: fit them with "
+                                 "eoc_dit.fit_coefficients(...) and prior.add_fit(fit) (or 'eoc calibrate --fit')")
+        # Only a correction that reads Cp needs a second generation of the cache.
+        reads_previous = (fitter is not None or (config is not None and config.mode == "extrapolate")
+                          or (self._fit is not None and bool((self._fit.coef[..., 1] != 0).any())))
+        self._generations = 2 if reads_previous else 1
         self._segments: dict[tuple, _Segment] = {}
         # The gate rows of every block stacked once ([L·2C, C]), so one matmul gives all gates of a step.
         rows = [self.adapter.block_adapter.gate_rows(block) for block in self.blocks]
@@ -129,7 +138,8 @@ class EOCHandle:
         if all(r is not None for r in rows):
             self._gate_weight = torch.cat([w for w, _ in rows])
             self._gate_bias = torch.cat([b for _, b in rows])
-        self._judged = prior is not None and config is not None and (config.judge_threshold > 0 or config.min_gain is not None)
+        self._judged = (prior is not None and config is not None and config.mode != "calibrated"
+                        and (config.judge_threshold > 0 or config.min_gain is not None))
         self._plans: dict[tuple[int, int, int], EntryPlan] = {}
         self._prior_tensors: dict[tuple, torch.Tensor] = {}
         if prior is not None:  # build every plan now so a schedule/prior mismatch fails at patch time
@@ -259,7 +269,9 @@ class EOCHandle:
             self._mask_row(step)
             source, previous = source_steps(self._mask, step, block, branch)
             coef = (0.0, 0.0, 0.0)
-            if self.config is not None:
+            if self._fit is not None:
+                coef = tuple(self._fit.coef[step, block, branch].tolist())
+            elif self.config is not None:
                 coef = self.config.coefficients(step, source, previous)
                 if self._judged and any(coef):
                     coef = self._judge(step, source, previous, block, branch, coef)
@@ -371,6 +383,8 @@ class EOCHandle:
             computes = [bool(v) for v in self._mask_row(step)[index]]
             backend = self._backend()
             token_threshold = self.config.token_threshold if self.config is not None else 0.0
+            if self.fitter is not None and not all(computes):
+                return self._fitting_forward(step, index, block, x, c, computes)
             if not any(computes):
                 segment = self._segment(step, index, x)
                 if index != segment.start:  # the first block of the run already added this one
@@ -394,6 +408,33 @@ class EOCHandle:
             return x
 
         return forward
+
+    def _fitting_forward(self, step, index, block, x, c, computes):
+        """A block during closed-loop fitting: each reused branch is ALSO computed on the current
+        state (the target), the fitter picks (α, β, γ), and the corrected feature goes on."""
+        block_adapter = self.adapter.block_adapter
+        branches = (block_adapter.attn_branch, block_adapter.mlp_branch)
+        modulation = block_adapter.modulation(block, c)
+        gates = block_adapter.gates_from_modulation(modulation)
+        for branch in range(2):
+            if computes[branch]:
+                feature = branches[branch](block, x, modulation, out=self._write_slot(step, index, branch, x))
+            else:
+                truth = branches[branch](block, x, modulation)  # [B, N, C]
+                plan = self._plan(step, index, branch)
+                current = self._current_generation(step, index, branch)
+                cache = self._buffer[current, index, branch]
+                prev = self._buffer[1 - current, index, branch] if plan.previous is not None else None
+                delta = trend = None
+                if self.prior is not None:
+                    delta = self._prior_term("delta", step, plan.source, index, branch, x)
+                    trend = self._prior_term("trend", step, plan.source, index, branch, x)
+                coef = self.fitter(step, index, branch, truth, cache, prev, delta, trend)
+                feature = eoc_kernels.reference.corrected_feature(
+                    cache, prev=prev if coef[1] else None, delta=delta if coef[0] else None,
+                    trend=trend if coef[2] else None, coef=coef).to(x.dtype)
+            x = x + gates[branch].unsqueeze(1) * feature
+        return x
 
     def _backend(self):
         if self.config is None or self.config.backend == "auto":

@@ -33,6 +33,8 @@ FORMAT_VERSION = 1
 STAT_NAMES = ("energy", "err_plain", "cross_delta", "sq_delta", "cross_trend", "sq_trend", "cross_extrap")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _META_KEY = "eoc_prior"
+_FITS_KEY = "eoc_fits"
+_FIT_PREFIX = "fit."
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -92,11 +94,26 @@ class Prior:
     ``trend_eps``, ``model_fingerprint``, ``format_version``.
     """
 
-    def __init__(self, mean: torch.Tensor, stats: dict[str, torch.Tensor], metadata: PriorMetadata):
+    def __init__(self, mean: torch.Tensor, stats: dict[str, torch.Tensor], metadata: PriorMetadata,
+                 fits: list[CoefficientFit] | None = None):
         self.mean = mean
         self.stats = stats
         self.metadata = metadata
+        self.fits = list(fits or [])  # coefficients fitted in closed loop, one per schedule
         self._check_shapes("Prior")
+
+    # ------------------------------------------------------------------ fitted coefficients
+    def fit_for(self, mask: torch.Tensor) -> CoefficientFit | None:
+        """The coefficients fitted for exactly this schedule mask [T, L, 2], or None."""
+        return next((fit for fit in self.fits if torch.equal(fit.mask, mask.cpu())), None)
+
+    def add_fit(self, fit: CoefficientFit) -> None:
+        """Keep ``fit``, replacing an earlier fit for the same schedule mask."""
+        T, L = self.num_steps, self.num_blocks
+        if tuple(fit.mask.shape) != (T, L, 2) or tuple(fit.coef.shape) != (T, L, 2, 3):
+            raise ValueError(f"fit shapes mask {list(fit.mask.shape)} / coef {list(fit.coef.shape)} do not match "
+                             f"the prior's T = {T}, L = {L}")
+        self.fits = [f for f in self.fits if not torch.equal(f.mask, fit.mask)] + [fit]
 
     def __getattr__(self, name):
         metadata = self.__dict__.get("metadata")
@@ -190,7 +207,12 @@ class Prior:
             raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype}")
         tensors = {"mean": self.mean.to(dtype).contiguous()}
         tensors.update({k: v.float().contiguous() for k, v in self.stats.items()})
-        save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(self.metadata.__dict__)})
+        for i, fit in enumerate(self.fits):
+            tensors[f"{_FIT_PREFIX}{i}.mask"] = fit.mask.to(torch.uint8).contiguous()
+            tensors[f"{_FIT_PREFIX}{i}.coef"] = fit.coef.float().contiguous()
+        metadata = {_META_KEY: json.dumps(self.metadata.__dict__),
+                    _FITS_KEY: json.dumps([fit.info for fit in self.fits])}
+        save_file(tensors, os.fspath(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Prior:
@@ -203,6 +225,7 @@ class Prior:
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 raw_meta = (f.metadata() or {}).get(_META_KEY)
+                raw_fits = (f.metadata() or {}).get(_FITS_KEY, "[]")
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
             raise ValueError(f"{path}: not a readable prior file ({type(exc).__name__}: {exc})") from None
@@ -215,10 +238,49 @@ class Prior:
         mean = tensors.pop("mean", None)
         if mean is None:
             raise ValueError(f"{path}: prior lacks the tensor 'mean'")
+        fits = _load_fits(tensors, raw_fits, path)
         prior = cls.__new__(cls)
-        prior.mean, prior.stats, prior.metadata = mean, tensors, meta
+        prior.mean, prior.stats, prior.metadata, prior.fits = mean, tensors, meta, []
         prior._check_shapes(path)
+        for fit in fits:
+            try:
+                prior.add_fit(fit)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
         return prior
+
+
+@dataclass
+class CoefficientFit:
+    """Coefficients (α, β, γ) per (step, block, branch), fitted for one schedule (``fitting.py``).
+
+    mask: bool [T, L, 2] of the schedule; coef: float32 [T, L, 2, 3] (zeros where the judgment
+    disabled the entry, and at compute entries); info: how it was fitted (JSON-able dict).
+    """
+
+    mask: torch.Tensor
+    coef: torch.Tensor
+    info: dict
+
+
+def _load_fits(tensors: dict, raw_fits: str, path: str) -> list[CoefficientFit]:
+    """Pop the ``fit.<i>.mask`` / ``fit.<i>.coef`` tensors out of ``tensors``; pair them with their info."""
+    try:
+        infos = json.loads(raw_fits)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: fitted-coefficient metadata is not valid JSON ({exc})") from None
+    if not isinstance(infos, list):
+        raise ValueError(f"{path}: fitted-coefficient metadata must be a JSON list")
+    fits = []
+    for i, info in enumerate(infos):
+        mask, coef = tensors.pop(f"{_FIT_PREFIX}{i}.mask", None), tensors.pop(f"{_FIT_PREFIX}{i}.coef", None)
+        if mask is None or coef is None:
+            raise ValueError(f"{path}: fitted coefficients {i} lack their mask or coef tensor")
+        fits.append(CoefficientFit(mask.bool().cpu(), coef.float().cpu(), info))
+    stray = [name for name in tensors if name.startswith(_FIT_PREFIX)]
+    if stray:
+        raise ValueError(f"{path}: tensors {stray} belong to no fitted coefficients")
+    return fits
 
 
 def _delta_and_trend(a_t: torch.Tensor, a_s: torch.Tensor, eps: float):

@@ -105,7 +105,7 @@ def test_argparse_errors_exit_2(capsys):
     assert exc.value.code == 2
     assert "--out" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(["sample", *MODEL, "--mode", "calibrated", "--out", "x.npy"])
+        main(["sample", *MODEL, "--mode", "momentum", "--out", "x.npy"])
     assert exc.value.code == 2
 
 
@@ -376,3 +376,17 @@ def test_int_list(values, expected):
 def test_int_list_rejects(values):
     with pytest.raises(ValueError):
         _int_list(values, "--labels")
+
+
+def test_calibrate_with_fit_then_sample_calibrated(capsys, tmp_path, checkpoint_path):
+    model_args = ["--checkpoint", str(checkpoint_path)]
+    prior = tmp_path / "fitted.safetensors"
+    out, _ = _ok(capsys, ["calibrate", *model_args, *RUN, "--holdout", "0.5", "--cfg-scale", "2", "--fit", "fora:2",
+                          "--out", str(prior)])
+    assert "fitted FORASchedule(interval=2" in out
+    assert len(Prior.load(prior).fits) == 1
+    _ok(capsys, ["sample", *model_args, *RUN, "--cfg-scale", "2", "--schedule", "fora:2", "--mode", "calibrated",
+                 "--prior", str(prior), "--out", str(tmp_path / "s.npy")])
+    _fails(capsys, ["sample", *model_args, *RUN, "--cfg-scale", "2", "--schedule", "fora:3", "--mode", "calibrated",
+                    "--prior", str(prior), "--out", str(tmp_path / "s.npy")], match="no coefficients fitted")
+    _fails(capsys, ["calibrate", *model_args, *RUN, "--fit", "fora:x", "--out", str(prior)], match="--schedule|fora")

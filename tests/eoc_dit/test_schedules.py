@@ -81,7 +81,7 @@ def test_presets_coefficients():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(mode="calibrated"), ValueError, "not available yet"),
+    (dict(mode="calibrated", theta=1.0), ValueError, "no meaning"),
     (dict(mode="bogus"), ValueError, "mode"),
     (dict(theta="1"), TypeError, "theta"),
     (dict(theta=float("nan")), TypeError, "theta"),
