@@ -7,6 +7,9 @@ at step 3 (a reuse step whose source is step 2 and whose previous compute is ste
 reuse and with each preset. Prints a Markdown table and writes it under benchmarks/results/.
 
     python benchmarks/eager_step_cost.py [--model DiT-S/2] [--batch 4] [--repeats 20] [--device cpu]
+
+The pytest-benchmark suite benchmarks/test_step.py measures the same step (plus the fused backend)
+with regression tracking; this script stays as the producer of the README's eager table.
 """
 
 from __future__ import annotations
@@ -14,42 +17,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 
 import torch
 
-from eoc_dit import DDIMSampler, DiT_models, EOCConfig, FORASchedule, apply_eoc, calibrate
-from eoc_dit.step_protocol import announce_step
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks._common
+
+from benchmarks import _common as common  # noqa: E402
+from eoc_dit import DDIMSampler, EOCConfig, FORASchedule, apply_eoc, calibrate  # noqa: E402
+from eoc_dit.models import DIT_CONFIGS  # noqa: E402
+from eoc_dit.step_protocol import announce_step  # noqa: E402
 
 NUM_STEPS = 4  # steps 0 and 2 compute, 1 and 3 reuse
-
-
-def _randomize(model):
-    # The DiT init zeroes adaLN (blocks are identities); caching is only meaningful on real blocks.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0.0, 0.02)
-    return model
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, repeats, device):
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -63,8 +44,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = _randomize(DiT_models[args.model](input_size=args.input_size, num_classes=1000)).to(device).eval()
+    # Every weight random (the DiT init zeroes adaLN: blocks would be identities), seed 0.
+    model = common.random_dit(dict(DIT_CONFIGS[args.model], input_size=args.input_size, num_classes=1000), device)
     sampler = DDIMSampler(NUM_STEPS)
     prior = calibrate(model, sampler, [1], [0], cfg_scale=4.0, holdout=0.0, max_gap=2, progress=False, device=device)
 
@@ -79,7 +60,8 @@ def main() -> None:
 
     results = {}
     with torch.no_grad():
-        results["full step (uncached)"] = _median_ms(lambda: model(x, timesteps[0], y), args.repeats, device)
+        results["full step (uncached)"] = common.time_call(lambda: model(x, timesteps[0], y), device,
+                                                           repeats=args.repeats, warmup=0) * 1e3
         variants = [("cached step, plain reuse", None, None), ("cached step + EOC extrapolate", EOCConfig(mode="extrapolate"), None),
                     ("cached step + EOC delta", EOCConfig(mode="delta", min_gain=None), prior),
                     ("cached step + EOC trend", EOCConfig(mode="trend", min_gain=None), prior)]
@@ -88,23 +70,21 @@ def main() -> None:
                 def cached_step():
                     for i in range(NUM_STEPS - 1):  # steps 0-2 fill the caches (Cc at 2, Cp at 0)
                         step(i)
-                    _sync(device)
+                    common.synchronize(device)
                     start = time.perf_counter()
                     step(NUM_STEPS - 1)
-                    _sync(device)
+                    common.synchronize(device)
                     return (time.perf_counter() - start) * 1e3
 
                 cached_step()  # warm-up: builds the entry plans and moves prior terms to the device
                 results[name] = statistics.median(cached_step() for _ in range(args.repeats))
 
     full = results["full step (uncached)"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    env = common.environment(device)
     header = (f"# Eager step cost — {args.model} ({model.num_tokens} tokens, width {model.hidden_size}, {model.depth} blocks), "
               f"batch {args.batch} with CFG ({rows} rows), fp32\n\n"
-              f"device: {device.type} ({device_name}, {torch.get_num_threads()} threads) · torch {torch.__version__} · "
-              f"commit {commit} · {datetime.date.today().isoformat()} · median of {args.repeats}\n\n"
+              f"device: {env['device']} · torch {env['torch']} · "
+              f"commit {env['commit']} · {datetime.date.today().isoformat()} · median of {args.repeats}\n\n"
               "| variant | ms | ratio to full step |\n|---|---|---|\n")
     table = "".join(f"| {name} | {ms:.2f} | {ms / full:.3f} |\n" for name, ms in results.items())
     print(header + table)

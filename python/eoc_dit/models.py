@@ -94,10 +94,10 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
         """Sinusoidal embedding [B, dim] of ``t`` [B], as in GLIDE and DiT: ``cat([cos, sin])``."""
         half = dim // 2
-        # Frequencies are computed on the CPU and moved, exactly as DiT does, so embeddings match bit for bit.
+        # Built on t's device (DiT builds it on the CPU and copies it over, which a CUDA graph cannot capture).
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device="cpu") / half
-        ).to(device=t.device)
+            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device) / half
+        )
         args = t[:, None].float() * freqs[None]  # [B, half]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -105,7 +105,8 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # [B, C]
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # fp32 [B, 256]
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # [B, C], in the model's dtype
 
 
 class LabelEmbedder(nn.Module):

@@ -218,6 +218,7 @@ class EOCHandle:
             self._reset_caches()
         elif step != self.step + 1:
             raise RuntimeError(f"step {step} announced after step {self.step}: steps must run in order")
+        self._step_gates = None  # computed again by the first reused block of this forward
         if self._fixed_num_steps is not None and step >= self._fixed_num_steps:
             raise ValueError(f"num_steps mismatch: the {'prior' if self.prior is not None else 'schedule'} has "
                              f"{self._fixed_num_steps} steps, the run is at step {step + 1}")
@@ -235,7 +236,7 @@ class EOCHandle:
 
     def _reset_caches(self) -> None:
         self._buffer = None  # [G, L, 2, B, N, C], allocated at the first computed branch of a run
-        self._step_gates = None  # (step, gates [B, L, 2, C]) of the step being run
+        self._step_gates = None  # gates [B, L, 2, C] of the forward being run
 
     def _set_mask(self, mask: torch.Tensor) -> None:
         self._mask = mask
@@ -355,20 +356,20 @@ class EOCHandle:
             self._segments[(step, l, like.device, like.dtype)] = segment
         return segment
 
-    def _segment_gates(self, segment: _Segment, step: int, c: torch.Tensor) -> torch.Tensor:
+    def _segment_gates(self, segment: _Segment, c: torch.Tensor) -> torch.Tensor:
         """Gates [B, S, 2, C] of a segment; with stacked gate rows, ONE matmul per step serves every block."""
         block_adapter = self.adapter.block_adapter
         if self._gate_weight is None:
             gates = [torch.stack(block_adapter.gates_from_modulation(block_adapter.modulation(self.blocks[l], c)), dim=1)
                      for l in range(segment.start, segment.stop)]
             return torch.stack(gates, dim=1)
-        if self._step_gates is None or self._step_gates[0] != step:
+        if self._step_gates is None:
             weight, bias = self._gate_weight, self._gate_bias
             if weight.device != c.device or weight.dtype != c.dtype:  # the model moved after patching
                 weight, bias = self._gate_weight, self._gate_bias = weight.to(c), bias.to(c)
             hidden = block_adapter.gate_input(self.blocks[0], c)  # [B, C_cond]
-            self._step_gates = (step, torch.nn.functional.linear(hidden, weight, bias).view(c.shape[0], self.num_blocks, 2, -1))
-        return self._step_gates[1][:, segment.start : segment.stop]
+            self._step_gates = torch.nn.functional.linear(hidden, weight, bias).view(c.shape[0], self.num_blocks, 2, -1)
+        return self._step_gates[:, segment.start : segment.stop]
 
     # ----------------------------------------------------------------------------- the block
     def _make_block_forward(self, index: int, block: nn.Module, original_forward):
@@ -390,7 +391,7 @@ class EOCHandle:
                 if index != segment.start:  # the first block of the run already added this one
                     return x
                 return eoc_kernels.cached_segment(
-                    x, self._segment_gates(segment, step, c), self._buffer[:, segment.start : segment.stop],
+                    x, self._segment_gates(segment, c), self._buffer[:, segment.start : segment.stop],
                     segment.generation, delta=segment.delta, trend=segment.trend, coef=segment.coef,
                     token_threshold=token_threshold, backend=backend)
             modulation = block_adapter.modulation(block, c)
