@@ -342,13 +342,13 @@ class EOCHandle:
             coef = torch.tensor([plan.coef for plan in plans], dtype=torch.float32).view(S, 2, 3)
             coef = coef.to(like.device)
 
-            def stack(kind, index):
-                if all(plan.coef[index] == 0.0 for plan in plans):
+            def stack(kind, index):  # [S, 2, H, N, C]; zeros where the term is off (the kernel skips them)
+                terms = [self._prior_term(kind, step, plan.source, l, k, like) if plan.coef[index] != 0.0 else None
+                         for plan, (l, k) in zip(plans, entries)]
+                shape = next((t.shape for t in terms if t is not None), None)
+                if shape is None:
                     return None
-                first = next(plan for plan in plans if plan.coef[index] != 0.0)
-                shape = self._prior_term(kind, step, first.source, start, 0, like).shape
-                return torch.stack([self._prior_term(kind, step, plan.source, l, k, like) if plan.coef[index] != 0.0
-                                    else like.new_zeros(shape) for plan, (l, k) in zip(plans, entries)]).view(S, 2, *shape)
+                return torch.stack([t if t is not None else like.new_zeros(shape) for t in terms]).view(S, 2, *shape)
 
             delta, trend = stack("delta", 0), stack("trend", 2)
         segment = _Segment(start, stop, generation.view(S, 2).to(like.device), coef, delta, trend)
