@@ -52,7 +52,8 @@ def _int_list(values: list[str], option: str = "value") -> list[int]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", help="path of a DiT checkpoint (state dict of the original DiT release)")
-    g.add_argument("--model", default=None, help="DiT config name, e.g. DiT-XL/2 (inferred from --checkpoint when omitted)")
+    g.add_argument("--model", default=None, help="DiT config name, e.g. DiT-XL/2 (inferred from --checkpoint when "
+                                                 "omitted), or 'testbed' for the shipped Fashion-MNIST DiT")
     g.add_argument("--input-size", type=int, default=32, help="latent/pixel size of a random-init model (default 32)")
     g.add_argument("--in-channels", type=int, default=4, help="input channels of a random-init model (default 4)")
     g.add_argument("--num-classes", type=int, default=1000, help="classes of a random-init model (default 1000)")
@@ -86,6 +87,10 @@ def _load_model(args):
     from .models import DiT_models, load_dit
 
     _check_device(args.device)
+    if args.model == "testbed" and not args.checkpoint:
+        from .testbed import load_model
+
+        return load_model(args.device)
     if args.checkpoint:
         return load_dit(args.checkpoint, args.model, map_location=args.device)
     if args.model is None:
@@ -220,6 +225,53 @@ def cmd_train_classifier(args) -> None:
     print(f"classifier test accuracy {card['test_accuracy']:.4f} in {card['wall_time_s']:.0f} s -> {args.out}")
 
 
+def cmd_demo(args) -> None:
+    from .images import image_grid, write_png
+    from .testbed.demo import format_table, run_demo
+
+    _check_writable(args.out)
+    if args.interval < 2:
+        raise ValueError(f"--interval must be >= 2 (1 computes every step), got {args.interval}")
+    rows, grid = run_demo(args.samples, args.interval, args.mode, args.steps, progress=True)
+    print(f"\nTestbed DiT (Fashion-MNIST), DDIM-{args.steps} with CFG, {args.samples} samples, {_device_name()}:\n")
+    print(format_table(rows))
+    write_png(args.out, image_grid(grid, columns=grid.shape[0] // 3))
+    print(f"\ngrid (rows: uncached / FORA / FORA + EOC, same noise) -> {args.out}")
+
+
+def _device_name() -> str:
+    import platform
+
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def cmd_evaluate(args) -> None:
+    from .images import image_grid, write_png
+    from .testbed.demo import PRESET_MODES, evaluate, format_table, methods_for, write_results
+
+    if not os.path.isdir(args.out_dir) or not os.access(args.out_dir, os.W_OK):
+        raise ValueError(f"cannot write to {args.out_dir}: not a writable folder")
+    bad = [n for n in args.intervals if n < 2]
+    if bad:
+        raise ValueError(f"--intervals must be >= 2, got {bad}")
+    unknown = [m for m in args.modes if m not in PRESET_MODES]
+    if unknown:
+        raise ValueError(f"--modes must be among {', '.join(PRESET_MODES)}, got {unknown}")
+    methods = methods_for(args.intervals, args.modes)
+    rows, samples = evaluate(methods, args.samples, args.steps, batch_size=args.batch_size, progress=True)
+    header = (f"Testbed DiT (Fashion-MNIST), DDIM-{args.steps} with CFG, {args.samples} samples (evaluation seeds), "
+              f"{_device_name()}, {time.strftime('%Y-%m-%d')}")
+    print("\n" + header + "\n\n" + format_table(rows))
+    csv_path, md_path = write_results(rows, args.out_dir, header)
+    grid_interval = args.grid_interval if args.grid_interval in args.intervals else args.intervals[0]
+    names = ["uncached", f"FORA N={grid_interval}"] + [f"FORA N={grid_interval} + EOC {m}" for m in ("trend", "calibrated")
+                                                      if m in args.modes]
+    grid = torch.cat([samples[name][:10] for name in names])
+    grid_path = os.path.join(args.out_dir, "grid.png")
+    write_png(grid_path, image_grid(grid, columns=grid.shape[0] // len(names)))
+    print(f"\n-> {csv_path}, {md_path}, {grid_path} (rows: {' / '.join(names)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eoc", description="Error-Optimized Cache for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -248,6 +300,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", default=None, help="prior file from 'eoc calibrate' (trend and delta need one)")
     p.add_argument("--out", required=True, help="output: .npy (all samples) or .png (grid; 1- or 3-channel models)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="the main job: uncached vs FORA vs FORA + EOC on the shipped testbed DiT",
+                       description="Sample the same noise uncached, with FORA and with FORA + EOC on the shipped "
+                                   "Fashion-MNIST DiT and prior; print time, speedup, PSNR and FD against the "
+                                   "uncached samples, FD to the data, accuracy; write a PNG grid.")
+    p.add_argument("--samples", type=int, default=100, help="samples per run (default 100; more = steadier FD)")
+    p.add_argument("--interval", type=int, default=3, help="FORA interval N: every N-th step computes (default 3)")
+    p.add_argument("--mode", choices=("calibrated", "trend", "delta", "extrapolate"), default="calibrated",
+                   help="EOC correction (default calibrated: coefficients fitted for FORA N=2..5, shipped)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps; the shipped prior is for 20 (default)")
+    p.add_argument("--out", default="eoc_demo.png", help="PNG grid of the first 10 samples of each run")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="sweep caching methods on the shipped testbed (CSV + Markdown + PNG grid)",
+                       description="Uncached, then FORA N with plain reuse and with each EOC mode, on the same "
+                                   "evaluation noise; PSNR and FD against the uncached samples, FD to the data, "
+                                   "accuracy, wall time and speedup measured in the same run.")
+    p.add_argument("--samples", type=int, default=2000, help="samples per method (default 2000)")
+    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5], help="FORA intervals (default 2 3 4 5)")
+    p.add_argument("--modes", nargs="+", default=["trend", "delta", "extrapolate", "calibrated"],
+                   help="EOC modes (default: all)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps; the shipped prior is for 20 (default)")
+    p.add_argument("--batch-size", type=int, default=500, help="samples per sampling call (default 500)")
+    p.add_argument("--grid-interval", type=int, default=3, help="FORA interval shown in grid.png (default 3)")
+    p.add_argument("--out-dir", default=".", help="folder for results.csv, results.md and grid.png")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train-testbed", help="train the testbed DiT on Fashion-MNIST (CPU, under an hour)",
                        description="Train the small DiT that the testbed ships, seeded and reproducible.")

@@ -24,7 +24,12 @@ from .train import CARD_NAME, CHECKPOINT_NAME, TrainConfig
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
-__all__ = ["ASSETS", "load_model", "model_card", "features", "fd", "fd_to_data", "classifier_accuracy", "psnr"]
+__all__ = ["ASSETS", "load_model", "load_prior", "model_card", "features", "fd", "fd_to_data", "classifier_accuracy",
+           "psnr"]
+
+
+def prior_name(num_steps: int) -> str:
+    return f"testbed_prior_ddim{num_steps}.safetensors"
 
 
 def _asset(name: str) -> str:
@@ -58,6 +63,20 @@ def load_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.fl
     except (RuntimeError, AttributeError) as exc:
         raise ValueError(f"shipped testbed checkpoint does not match its model card: {str(exc).splitlines()[0]}") from None
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_prior(num_steps: int = 20):
+    """The shipped prior of the testbed for DDIM with ``num_steps`` steps (it carries its ``cfg_scale``
+    and the calibrated mode's coefficients for FORA intervals 2-5)."""
+    from ..prior import Prior
+
+    path = os.path.join(ASSETS, prior_name(num_steps))
+    if not os.path.isfile(path):
+        shipped = sorted(name for name in os.listdir(ASSETS) if name.startswith("testbed_prior_ddim"))
+        if not shipped:
+            _asset(prior_name(num_steps))  # raises FileNotFoundError naming the missing file
+        raise ValueError(f"no shipped testbed prior for {num_steps} steps; shipped: {', '.join(shipped)}")
+    return Prior.load(path)
 
 
 @functools.lru_cache(maxsize=1)

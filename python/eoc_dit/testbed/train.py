@@ -125,7 +125,7 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
         "model": "DiT (adaLN-Zero), pixel space, epsilon prediction, learn_sigma=False",
         "data": "Fashion-MNIST train split (60,000 images, 10 classes), scaled to [-1, 1]",
         "config": asdict(config),
-        "parameters": sum(p.numel() for p in ema.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "iterations_run": step + 1,
         "final_loss_mean_last_100": round(float(np.mean(losses[-100:])), 5) if losses else math.nan,
         "loss_history": history,

@@ -1,0 +1,90 @@
+"""The shipped testbed: the trained DiT, its prior, the classifier, and `eoc demo` on them."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from eoc_dit import DDIMSampler, testbed
+from eoc_dit.cli import main
+from eoc_dit.testbed.demo import demo_batch, format_table, run_demo
+
+
+def test_shipped_files_are_small_and_described():
+    card = testbed.model_card()
+    assert card["config"]["depth"] >= 6 and card["iterations_run"] == card["config"]["iterations"]
+    assert os.path.getsize(os.path.join(testbed.ASSETS, "testbed_dit.pt")) <= 20 * 2**20
+    prior = testbed.load_prior(20)
+    assert prior.num_steps == 20 and prior.cfg_scale > 1 and prior.num_blocks == card["config"]["depth"]
+    assert {fit.info["schedule"] for fit in prior.fits} >= {f"FORASchedule(interval={n}, warmup=0)" for n in (2, 3, 4, 5)}
+
+
+def test_shipped_model_draws_the_ten_classes():
+    model = testbed.load_model()
+    noise, labels = demo_batch(model, 20)
+    images = DDIMSampler(20).sample(model, noise, labels, cfg_scale=testbed.load_prior(20).cfg_scale)
+    assert images.shape == (20, 1, 28, 28)
+    assert testbed.classifier_accuracy(images, labels) >= 0.3  # random images score about 0.1
+    assert testbed.fd_to_data(images) < testbed.fd_to_data(torch.rand_like(images) * 2 - 1)
+
+
+def test_shipped_classifier_and_statistics():
+    card_accuracy = json.loads(open(os.path.join(testbed.ASSETS, "CLASSIFIER_CARD.json")).read())["test_accuracy"]
+    assert card_accuracy >= 0.85
+    noise_images = torch.rand(64, 1, 28, 28) * 2 - 1
+    assert testbed.features(noise_images).shape == (64, 128)
+    assert testbed.fd(noise_images, noise_images) == pytest.approx(0.0, abs=1e-6)
+    assert testbed.fd_to_data(noise_images) > 1.0
+
+
+def test_run_demo_small():
+    rows, grid = run_demo(num_samples=4, interval=3, progress=False)
+    assert [r.method for r in rows] == ["uncached", "FORA N=3", "FORA N=3 + EOC calibrated"]
+    assert rows[0].psnr == 100.0 and rows[1].psnr < 100.0 and rows[1].fd_to_uncached > 0
+    assert grid.shape == (12, 1, 28, 28)
+    assert "| FORA N=3 + EOC calibrated |" in format_table(rows)
+
+
+def test_eoc_demo_cli(capsys, tmp_path):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--samples", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "PSNR vs uncached" in printed and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--steps", "25"], "no shipped testbed prior for 25 steps"),
+    (["--out", "/nonexistent-folder/demo.png"], "cannot write"),
+    (["--interval", "1"], "--interval"),
+    (["--samples", "1"], "--samples"),
+])
+def test_eoc_demo_bad_input(capsys, argv, match):
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and match in err and "Traceback" not in err
+
+
+def test_eoc_demo_with_a_corrupted_shipped_file(capsys, tmp_path, monkeypatch):
+    assets = tmp_path / "assets"
+    shutil.copytree(testbed.ASSETS, assets)
+    (assets / "testbed_dit.pt").write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(testbed, "ASSETS", str(assets))
+    assert main(["demo", "--samples", "3", "--out", str(tmp_path / "d.png")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "testbed_dit.pt" in err
+    (assets / "testbed_dit.pt").unlink()
+    assert main(["demo", "--samples", "3", "--out", str(tmp_path / "d.png")]) == 2
+    assert "shipped testbed file missing" in capsys.readouterr().err
+
+
+def test_eoc_evaluate_cli(capsys, tmp_path):
+    argv = ["evaluate", "--samples", "3", "--intervals", "2", "4", "--modes", "trend", "calibrated", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 1 + 2 * 3 and rows[0].startswith("method,interval,mode,caching_level")
+    assert "| FORA N=4 + EOC calibrated |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["evaluate", "--modes", "bogus", "--out-dir", str(tmp_path)]) == 2
+    assert main(["evaluate", "--out-dir", str(tmp_path / "missing")]) == 2
