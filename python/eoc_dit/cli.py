@@ -155,6 +155,31 @@ def cmd_calibrate(args) -> None:
     print(f"{prior} written to {args.out} in {time.perf_counter() - start:.1f} s")
 
 
+def cmd_fit(args) -> None:
+    from .fitting import TERMS, fit_coefficients
+    from .prior import STORAGE_DTYPES, Prior
+
+    _check_writable(args.out)
+    unknown = [t for t in args.terms if t not in TERMS]
+    if unknown:
+        raise ValueError(f"--terms must be among {', '.join(TERMS)}, got {unknown}")
+    schedules = [_parse_schedule(text) for text in args.schedules]
+    labels, seeds = _int_list(args.labels, "--labels"), _int_list(args.seeds, "--seeds")
+    prior = Prior.load(args.prior)
+    if prior.num_steps != args.steps:
+        raise ValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
+    model = _load_model(args)
+    sampler = _make_sampler(args)
+    for schedule in schedules:
+        fit = fit_coefficients(model, sampler, schedule, prior, labels, seeds, terms=tuple(args.terms),
+                               ridge=args.ridge, progress=True)
+        prior.add_fit(fit)
+        print(f"fitted {schedule} ({', '.join(args.terms)}): {fit.info['corrected_entries']} of "
+              f"{fit.info['reuse_entries']} reuse entries corrected")
+    prior.save(args.out, dtype=prior.mean.dtype if prior.mean.dtype in STORAGE_DTYPES.values() else torch.float16)
+    print(f"{prior} with {len(prior.fits)} fits written to {args.out}")
+
+
 def cmd_sample(args) -> None:
     from .config import EOCConfig
     from .patching import apply_eoc
@@ -288,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "each schedule (e.g. fora:3 fora:4); they are stored in the prior")
     p.add_argument("--out", required=True, help="output prior file (.safetensors)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("fit", help="fit the calibrated mode's coefficients for schedules, into a prior file",
+                       description="Closed-loop fit of (alpha, beta, gamma) per reuse entry for each schedule, on "
+                                   "(label, seed) pairs sampled as one batch; use seeds disjoint from the ones the "
+                                   "prior's mean was computed on (the delta term overfits them) and from evaluation.")
+    _add_model_args(p)
+    _add_sampler_args(p)
+    p.add_argument("--prior", required=True, help="prior file from 'eoc calibrate'")
+    p.add_argument("--schedules", nargs="+", required=True, metavar="SCHEDULE", help="e.g. fora:2 fora:3")
+    p.add_argument("--terms", nargs="+", default=["delta", "extrapolate", "trend"],
+                   help="candidate terms (default: delta extrapolate trend)")
+    p.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the least-squares fit (default 1e-3)")
+    p.add_argument("--out", required=True, help="output prior file (may be the input)")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("sample", help="sample with a caching schedule and an optional EOC correction",
                        description="Sample every (label, seed) pair, optionally with caching and EOC.")

@@ -390,3 +390,17 @@ def test_calibrate_with_fit_then_sample_calibrated(capsys, tmp_path, checkpoint_
     _fails(capsys, ["sample", *model_args, *RUN, "--cfg-scale", "2", "--schedule", "fora:3", "--mode", "calibrated",
                     "--prior", str(prior), "--out", str(tmp_path / "s.npy")], match="no coefficients fitted")
     _fails(capsys, ["calibrate", *model_args, *RUN, "--fit", "fora:x", "--out", str(prior)], match="--schedule|fora")
+
+
+def test_fit_adds_fits_to_a_prior(capsys, tmp_path, checkpoint_path, prior_path):
+    model_args = ["--checkpoint", str(checkpoint_path)]
+    out = tmp_path / "fitted.safetensors"
+    printed, _ = _ok(capsys, ["fit", *model_args, *RUN, "--cfg-scale", "2", "--prior", str(prior_path),
+                              "--schedules", "fora:2", "--terms", "extrapolate", "--out", str(out)])
+    assert "fitted FORASchedule(interval=2" in printed
+    fit = Prior.load(out).fits[0]
+    assert fit.info["terms"] == ["extrapolate"] and (fit.coef[..., 0] == 0).all() and (fit.coef[..., 2] == 0).all()
+    _fails(capsys, ["fit", *model_args, *RUN, "--prior", str(prior_path), "--schedules", "fora:2", "--terms", "momentum",
+                    "--out", str(out)], match="--terms")
+    _fails(capsys, ["fit", *model_args, "--steps", "4", "--labels", "0", "--prior", str(prior_path),
+                    "--schedules", "fora:2", "--out", str(out)], match="num_steps mismatch")
