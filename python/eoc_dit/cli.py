@@ -1,7 +1,11 @@
-"""The ``eoc`` command line (DESIGN §4): calibrate a prior, sample with caching and EOC.
+"""The ``eoc`` command line (DESIGN §4).
 
-A model is a checkpoint of the original DiT release (``--checkpoint``) or, for smoke tests, a named
-random-init config (``--model DiT-S/8 --input-size 32``). Errors print one line and exit 2.
+``demo`` and ``evaluate`` run caching methods on the shipped testbed; ``calibrate`` extracts a
+prior, ``fit`` fits the calibrated mode's coefficients into it, ``sample`` samples with caching and
+EOC; ``train-testbed`` / ``train-classifier`` rebuild the shipped testbed files. A model is a
+checkpoint of the original DiT release (``--checkpoint``), the shipped testbed (``--model testbed``)
+or, for smoke tests, a named random-init config (``--model DiT-S/8 --input-size 32``). Errors print
+one line and exit 2.
 """
 
 from __future__ import annotations
