@@ -161,7 +161,7 @@ def cmd_calibrate(args) -> None:
 
 def cmd_fit(args) -> None:
     from .fitting import TERMS, fit_coefficients
-    from .prior import STORAGE_DTYPES, Prior
+    from .prior import Prior
 
     _check_writable(args.out)
     unknown = [t for t in args.terms if t not in TERMS]
@@ -180,7 +180,7 @@ def cmd_fit(args) -> None:
         prior.add_fit(fit)
         print(f"fitted {schedule} ({', '.join(args.terms)}): {fit.info['corrected_entries']} of "
               f"{fit.info['reuse_entries']} reuse entries corrected")
-    prior.save(args.out, dtype=prior.mean.dtype if prior.mean.dtype in STORAGE_DTYPES.values() else torch.float16)
+    prior.save(args.out, dtype=prior.mean.dtype)  # a loaded mean is already in a storage dtype
     print(f"{prior} with {len(prior.fits)} fits written to {args.out}")
 
 

@@ -39,7 +39,6 @@ class _ClosedLoopFitter:
     def __init__(self, num_steps, num_blocks, terms, ridge, judge_threshold, min_gain):
         self.terms, self.ridge, self.judge_threshold, self.min_gain = terms, ridge, judge_threshold, min_gain
         self.coef = torch.zeros(num_steps, num_blocks, 2, 3)
-        self.gain = torch.full((num_steps, num_blocks, 2), float("nan"))
 
     def __call__(self, step, block, branch, truth, cache, prev, delta, trend) -> tuple[float, float, float]:
         batch = cache.shape[0]
@@ -57,7 +56,6 @@ class _ClosedLoopFitter:
             theta = torch.linalg.solve(regularised, rhs)
             residual = plain - 2 * float(theta @ rhs) + float(theta @ gram @ theta)
             gain = (plain - residual) / plain
-            self.gain[step, block, branch] = gain
             relative = plain / max(float(truth.double().pow(2).sum()), 1e-30)
             keep = relative > self.judge_threshold and (self.min_gain is None or gain >= self.min_gain)
             if keep:
