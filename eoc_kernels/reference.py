@@ -21,6 +21,14 @@ def _per_row(per_head, batch):
     return per_head.float().repeat_interleave(batch // per_head.shape[0], dim=0)
 
 
+def _scaled(c, term):
+    """c · term(), where a zero coefficient contributes exactly 0 (the kernels never read its tensor,
+    so whatever it holds — even NaN in a never-written cache slot — must not leak in)."""
+    if isinstance(c, torch.Tensor):
+        return torch.where(c != 0, c * term(), 0.0)
+    return c * term() if c != 0 else 0.0
+
+
 def corrected_feature(cache, *, prev=None, delta=None, trend=None, coef=(0.0, 0.0, 0.0),
                       token_threshold=0.0):
     """The reused branch feature F̂ after the per-token judgment, as a new fp32 [B, N, C] tensor.
@@ -36,11 +44,11 @@ def corrected_feature(cache, *, prev=None, delta=None, trend=None, coef=(0.0, 0.
     alpha, beta, gamma = coef
     corr = torch.zeros_like(cached)
     if delta is not None:
-        corr = corr + alpha * _per_row(delta, batch)
+        corr = corr + _scaled(alpha, lambda: _per_row(delta, batch))
     if prev is not None:
-        corr = corr + beta * (cached - prev.float())
+        corr = corr + _scaled(beta, lambda: cached - prev.float())
     if trend is not None:
-        corr = corr + gamma * (cached * _per_row(trend, batch))
+        corr = corr + _scaled(gamma, lambda: cached * _per_row(trend, batch))
 
     # Online judgment: size of the correction relative to the cached feature, per token.
     score = torch.linalg.vector_norm(corr, dim=-1) / (

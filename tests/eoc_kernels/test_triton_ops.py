@@ -151,12 +151,14 @@ def assert_same_as_reference(op, *args, tol, **kwargs):
     return out
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("op", ["branch", "block"])
-def test_zero_coefficients_leave_tensors_unread(op, dtype, blocking):
+def test_zero_coefficients_leave_tensors_unread(op, dtype, backend, blocking):
     """A zero coefficient's tensor is never read: NaN there must not reach the output.
 
-    Float zeros turn the term off at compile time, tensor zeros skip it at run time.
+    Float zeros turn the term off at compile time, tensor zeros skip it at run time (Triton); the
+    reference (torch backend) masks them out the same way.
     """
     gen = torch.Generator().manual_seed(26)
     shape = (2, 7, 123)
@@ -170,12 +172,12 @@ def test_zero_coefficients_leave_tensors_unread(op, dtype, blocking):
                 poisoned[key] = torch.full_like(branch[key], float("nan"))
         if op == "branch":
             out = cached_branch(x, branch["gate"], branch["cache"], **branch_kwargs(poisoned),
-                                token_threshold=0.2, **TRITON)
+                                token_threshold=0.2, backend=backend)
         else:
             out = cached_block(x, branch["gate"], branch["gate"], branch["cache"],
                                branch["cache"], **branch_kwargs(poisoned, "_attn"),
                                **branch_kwargs(poisoned, "_mlp"), token_threshold=0.2,
-                               **TRITON)
+                               backend=backend)
         assert torch.isfinite(out).all(), coef
         # Same as the reference given the unpoisoned tensors (0 · finite = 0 there).
         clean = dict(branch, coef=coef)
@@ -188,10 +190,12 @@ def test_zero_coefficients_leave_tensors_unread(op, dtype, blocking):
         torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("generations", [1, 2], ids=lambda g: f"G{g}")
-def test_segment_zero_coefficients_leave_entries_unread(generations, blocking):
+def test_segment_zero_coefficients_leave_entries_unread(generations, backend, blocking):
     """Per entry: prior rows and the previous generation are not read where their coefficient is
-    0, and nothing but Cc and the gates is read when coef is None."""
+    0, and nothing but Cc and the gates is read when coef is None. The reference (torch backend)
+    too: the DiT integration's never-written cache slots hold whatever memory had."""
     gen = torch.Generator().manual_seed(27)
     shape = (2, 7, 123)
     x = torch.randn(shape, generator=gen)
@@ -211,7 +215,7 @@ def test_segment_zero_coefficients_leave_entries_unread(generations, blocking):
             segment["trend"][s, k] = float("nan")
         if beta == 0 and generations == 2:
             segment["cache"][1 - int(segment["generation"][s, k]), s, k] = float("nan")
-    out = run_segment(x, segment, token_threshold=0.1, **TRITON)
+    out = run_segment(x, segment, token_threshold=0.1, backend=backend)
     torch.testing.assert_close(out, expected)
     # coef=None: plain reuse reads neither the prior nor the previous generation.
     segment["delta"].fill_(float("nan"))
@@ -220,7 +224,7 @@ def test_segment_zero_coefficients_leave_entries_unread(generations, blocking):
         for s in range(3):
             for k in range(2):
                 segment["cache"][1 - int(segment["generation"][s, k]), s, k] = float("nan")
-    out = run_segment(x, segment | {"coef": None}, token_threshold=0.1, **TRITON)
+    out = run_segment(x, segment | {"coef": None}, token_threshold=0.1, backend=backend)
     plain = reference.cached_segment(x, segment["gates"], segment["cache"].nan_to_num(),
                                       segment["generation"])
     torch.testing.assert_close(out, plain)
