@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eoc_dit.testbed import classifier_accuracy, psnr
+from eoc_dit.testbed import classifier_accuracy, fd, psnr
 from eoc_dit.testbed.classifier import FashionCNN, frechet_distance, train_classifier
 from eoc_dit.testbed.data import load_fashion_mnist, read_idx
 from eoc_dit.testbed.train import TrainConfig, train_testbed
@@ -115,3 +115,16 @@ def test_psnr_values():
 def test_metric_input_checks():
     with pytest.raises(TypeError, match="images"):
         classifier_accuracy(torch.zeros(2, 1, 28, 28, dtype=torch.long), torch.zeros(2))
+    with pytest.raises(ValueError, match="images_a contains NaN or inf"):
+        fd(torch.full((2, 1, 28, 28), float("nan")), torch.zeros(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="reference contains NaN or inf"):
+        psnr(torch.zeros(2, 1, 28, 28), torch.full((2, 1, 28, 28), float("inf")))
+
+
+def test_frechet_distance_of_a_rank_deficient_set_is_finite():
+    # Identical feature sets with a singular covariance (fewer samples than dimensions): FD 0, no solver failure.
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(5, 128, generator=gen).double()
+    mean, cov = feats.mean(0), torch.cov(feats.T)
+    assert frechet_distance(mean, cov, mean, cov) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(mean, cov, mean + 1.0, cov) == pytest.approx(128.0, rel=1e-6)

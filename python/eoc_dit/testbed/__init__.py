@@ -94,6 +94,8 @@ def _check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
         raise TypeError(f"{name} must be a floating tensor [B, 1, 28, 28], got {type(images).__name__}")
     if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28) or images.shape[0] == 0:
         raise ValueError(f"{name} must have shape [B, 1, 28, 28] with B >= 1, got {list(images.shape)}")
+    if not bool(torch.isfinite(images).all()):  # a diverged sampler: say so instead of failing in a metric
+        raise ValueError(f"{name} contains NaN or inf values")
     return images.detach().float().cpu().clamp(-1.0, 1.0)
 
 

@@ -99,13 +99,15 @@ def train_classifier(out_dir: str, *, epochs: int = 3, batch_size: int = 128, lr
     return card
 
 
+def _psd_sqrt(cov: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+
+
 def frechet_distance(mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Tensor, cov_b: torch.Tensor) -> float:
-    """||μa − μb||² + Tr(Σa + Σb − 2 (Σa Σb)^½), with the trace of the square root from the eigenvalues
-    of the symmetric PSD matrix Σa^½ Σb Σa^½ (float64)."""
+    """||μa − μb||² + Tr(Σa + Σb − 2 (Σa Σb)^½) in float64. Tr (Σa Σb)^½ = Tr (Σa^½ Σb Σa^½)^½ is the
+    nuclear norm of Σa^½ Σb^½ (sum of its singular values): no eigen-solve of an ill-conditioned product."""
     mean_a, mean_b, cov_a, cov_b = (t.double() for t in (mean_a, mean_b, cov_a, cov_b))
-    values, vectors = torch.linalg.eigh(cov_a)
-    sqrt_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
-    middle = sqrt_a @ cov_b @ sqrt_a
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    trace_sqrt = torch.linalg.svdvals(_psd_sqrt(cov_a) @ _psd_sqrt(cov_b)).sum()
     value = (mean_a - mean_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * trace_sqrt
     return float(np.maximum(value.item(), 0.0))
