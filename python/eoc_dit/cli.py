@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from .fitting import DEFAULT_GAINS, DEFAULT_TERMS
+
 SCHEDULE_HELP = "'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps)"
 
 
@@ -167,8 +169,11 @@ def cmd_fit(args) -> None:
     unknown = [t for t in args.terms if t not in TERMS]
     if unknown:
         raise ValueError(f"--terms must be among {', '.join(TERMS)}, got {unknown}")
+    if any(g <= 0 for g in args.gains):
+        raise ValueError(f"--gains must be > 0, got {args.gains}")
     schedules = [_parse_schedule(text) for text in args.schedules]
     labels, seeds = _int_list(args.labels, "--labels"), _int_list(args.seeds, "--seeds")
+    tune_seeds = _int_list(args.tune_seeds, "--tune-seeds") if args.tune_seeds else None
     prior = Prior.load(args.prior)
     if prior.num_steps != args.steps:
         raise ValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
@@ -176,10 +181,11 @@ def cmd_fit(args) -> None:
     sampler = _make_sampler(args)
     for schedule in schedules:
         fit = fit_coefficients(model, sampler, schedule, prior, labels, seeds, terms=tuple(args.terms),
-                               ridge=args.ridge, progress=True)
+                               ridge=args.ridge, gains=args.gains, tune_seeds=tune_seeds,
+                               tune_clamp=tuple(args.tune_clamp) if args.tune_clamp else None, progress=True)
         prior.add_fit(fit)
-        print(f"fitted {schedule} ({', '.join(args.terms)}): {fit.info['corrected_entries']} of "
-              f"{fit.info['reuse_entries']} reuse entries corrected")
+        print(f"fitted {schedule} ({', '.join(args.terms)}, gain {fit.info['gain']}): {fit.info['corrected_entries']} "
+              f"of {fit.info['reuse_entries']} reuse entries corrected")
     prior.save(args.out, dtype=prior.mean.dtype)  # a loaded mean is already in a storage dtype
     print(f"{prior} with {len(prior.fits)} fits written to {args.out}")
 
@@ -196,9 +202,10 @@ def cmd_sample(args) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # Everything that can be checked without running the model fails here, before any progress bar.
     schedule = _parse_schedule(args.schedule)
-    config = None if args.mode == "none" else EOCConfig(mode=args.mode, theta=args.theta)
+    mode = args.mode or ("calibrated" if args.prior else "none")  # as apply_eoc: calibrated by default with a prior
+    config = None if mode == "none" else EOCConfig(mode=mode, theta=args.theta)
     if config is not None and config.needs_prior and not args.prior:
-        raise ValueError(f"--mode {args.mode} needs --prior (a file from 'eoc calibrate'); --mode extrapolate needs none")
+        raise ValueError(f"--mode {mode} needs --prior (a file from 'eoc calibrate'); --mode extrapolate needs none")
     pairs = _pairs(args)
     prior = Prior.load(args.prior, device="cpu") if args.prior else None
     if prior is not None:
@@ -218,7 +225,7 @@ def cmd_sample(args) -> None:
                          f"{model.in_channels} channels (write .npy instead)")
     outputs = []
     start = time.perf_counter()
-    with apply_eoc(model, schedule, prior=prior, config=config):
+    with apply_eoc(model, schedule, prior=prior if config is not None else None, config=config):
         for begin in range(0, len(pairs), args.batch_size):
             batch = pairs[begin : begin + args.batch_size]
             noise = torch.cat([noise_for_seed(model, seed) for _, seed in batch]).to(args.device)
@@ -233,7 +240,7 @@ def cmd_sample(args) -> None:
 
         write_png(args.out, image_grid(samples))
     level = schedule.caching_level_for(args.steps, len(list(model.blocks)))
-    print(f"{len(pairs)} samples ({schedule}, caching level {level:.2f}, EOC {args.mode}) in {elapsed:.2f} s -> {args.out}")
+    print(f"{len(pairs)} samples ({schedule}, caching level {level:.2f}, EOC {mode}) in {elapsed:.2f} s -> {args.out}")
 
 
 def cmd_train_testbed(args) -> None:
@@ -287,8 +294,11 @@ def cmd_evaluate(args) -> None:
     if unknown:
         raise ValueError(f"--modes must be among {', '.join(PRESET_MODES)}, got {unknown}")
     methods = methods_for(args.intervals, args.modes)
-    rows, samples = evaluate(methods, args.samples, args.steps, batch_size=args.batch_size, progress=True)
-    header = (f"Testbed DiT (Fashion-MNIST), DDIM-{args.steps} with CFG, {args.samples} samples (evaluation seeds), "
+    rows, samples = evaluate(methods, args.samples, args.steps, batch_size=args.batch_size, progress=True,
+                             seed_sets=args.seed_sets)
+    seeds = ("evaluation seeds" if args.seed_sets == 1 else
+             "two evaluation seed sets A / B of half the samples each, seeds 100000+ and 200000+")
+    header = (f"Testbed DiT (Fashion-MNIST), DDIM-{args.steps} with CFG, {args.samples} samples ({seeds}), "
               f"{_device_name()}, {time.strftime('%Y-%m-%d')}")
     print("\n" + header + "\n\n" + format_table(rows))
     csv_path, md_path = write_results(rows, args.out_dir, header)
@@ -320,15 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="fit the calibrated mode's coefficients for schedules, into a prior file",
                        description="Closed-loop fit of (alpha, beta, gamma) per reuse entry for each schedule, on "
-                                   "(label, seed) pairs sampled as one batch; use seeds disjoint from the ones the "
-                                   "prior's mean was computed on (the delta term overfits them) and from evaluation.")
+                                   "(label, seed) pairs sampled as one batch, then the global gain whose samples "
+                                   "(--tune-seeds) are closest to the uncached ones; use seeds disjoint from the ones "
+                                   "the prior's mean was computed on (the delta term overfits them) and from evaluation.")
     _add_model_args(p)
     _add_sampler_args(p)
     p.add_argument("--prior", required=True, help="prior file from 'eoc calibrate'")
     p.add_argument("--schedules", nargs="+", required=True, metavar="SCHEDULE", help="e.g. fora:2 fora:3")
-    p.add_argument("--terms", nargs="+", default=["delta", "extrapolate", "trend"],
-                   help="candidate terms (default: delta extrapolate trend)")
+    p.add_argument("--terms", nargs="+", default=list(DEFAULT_TERMS),
+                   help=f"candidate terms among delta extrapolate trend (default: {' '.join(DEFAULT_TERMS)})")
     p.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the least-squares fit (default 1e-3)")
+    p.add_argument("--gains", type=float, nargs="+", default=list(DEFAULT_GAINS),
+                   help=f"candidate global gains of the fitted coefficients (default: {' '.join(map(str, DEFAULT_GAINS))}; "
+                        "one value = no tuning)")
+    p.add_argument("--tune-seeds", nargs="+", default=None,
+                   help="seeds of the pairs the gain is chosen on (default: --seeds)")
+    p.add_argument("--tune-clamp", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="judge the gain's samples clipped to [LOW, HIGH], e.g. -1 1 for a pixel-space model "
+                        "(default: no clipping)")
     p.add_argument("--out", required=True, help="output prior file (may be the input)")
     p.set_defaults(func=cmd_fit)
 
@@ -337,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampler_args(p)
     p.add_argument("--schedule", default="none", help=SCHEDULE_HELP)
-    p.add_argument("--mode", choices=("none", "trend", "delta", "extrapolate", "calibrated"), default="none",
-                   help="EOC correction; 'none' = plain caching; 'calibrated' needs a prior fitted for the schedule")
+    p.add_argument("--mode", choices=("none", "trend", "delta", "extrapolate", "calibrated"), default=None,
+                   help="EOC correction; 'none' = plain caching; 'calibrated' needs a prior fitted for the schedule "
+                        "(default: calibrated with --prior, none without)")
     p.add_argument("--theta", type=float, default=None, help="the preset's coefficient (default: the preset's)")
     p.add_argument("--prior", default=None, help="prior file from 'eoc calibrate' (trend and delta need one)")
     p.add_argument("--out", required=True, help="output: .npy (all samples) or .png (grid; 1- or 3-channel models)")
@@ -366,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EOC modes (default: all)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps; the shipped prior is for 20 (default)")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling call (default 500)")
+    p.add_argument("--seed-sets", type=int, choices=(1, 2), default=2,
+                   help="evaluation seed sets the samples are split between; with 2, PSNR and FD to uncached are "
+                        "also reported per set (default 2)")
     p.add_argument("--grid-interval", type=int, default=3, help="FORA interval shown in grid.png (default 3)")
     p.add_argument("--out-dir", default=".", help="folder for results.csv, results.md and grid.png")
     p.set_defaults(func=cmd_evaluate)

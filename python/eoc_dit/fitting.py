@@ -2,25 +2,32 @@
 
 Open-loop fits (on uncached features) lost to plain extrapolation in the feasibility probe, because
 the cached trajectory drifts away from the uncached one. So the fit follows the cached trajectory:
-the calibration batch is sampled under the schedule, and at every reuse entry (t, l, k) the branch
-is ALSO computed on the current (cached, already corrected) state, giving the target F*. With the
-candidate terms u = (D, Cc − Cp, Cc ⊙ E) and r = F* − Cc, the coefficients are the ridge solution
+the calibration batch is sampled under the schedule and, at every step with a reuse entry, the model
+ALSO runs uncached on that step's input, giving the target F* of each entry (t, l, k): the branch
+output the full forward would have produced here. With the candidate terms u = (D, Cc − Cp, Cc ⊙ E)
+and r = F* − Cc, the coefficients of each entry are the ridge solution
 
-    θ = argmin ||r − Σ_j θ_j u_j||² + λ·mean(diag G)·||θ||²,   G = [<u_i, u_j>]
+    θ = argmin ||P(r − Σ_j θ_j u_j)||² + λ·mean(diag G)·||θ||²,   G = [<P u_i, P u_j>]
 
-over the whole batch; then the offline judgment: θ = 0 where the relative error of plain reuse
-||r||² / ||F*||² is at most ``judge_threshold`` or where θ lowers ||r||² by less than ``min_gain``.
-The corrected feature Cc + Σ θ_j u_j (not F*) is what the sampler goes on with, so later entries
-are fitted on the trajectory the fitted coefficients produce.
+over the whole batch, where P maps the CFG batch to what reaches the guided output,
+s·cond + (1 − s)·uncond (``guided``); then the offline judgment: θ = 0 where the relative error of
+plain reuse is at most ``judge_threshold`` or where θ lowers it by less than ``min_gain``. The
+corrected feature Cc + Σ θ_j u_j (not F*) is what the sampler goes on with, so later entries are
+fitted on the trajectory the fitted coefficients produce. Last, one global gain g (θ ← g·θ) is
+chosen among ``gains`` by how close the final samples of other calibration pairs come to their
+uncached samples.
 
-Fit on seeds disjoint from those the prior's mean A was computed on: there D = A[t] − A[s] is the
-fitting samples' own mean change, the delta term explains it in-sample and does not carry over
-(measured on the testbed, 200 evaluation samples: FORA N=4 with all three terms fitted on A's own
-seeds, 26.9 dB PSNR vs uncached, against 35.9 dB for plain FORA).
+What the study on the testbed's calibration split found (benchmarks/results/calibrated-study-*.md):
+targets from the uncached forward beat targets recomputed on each branch's own (already wrong)
+input; the prior's delta term, fitted alongside, explains the fitting batch but wrecks other
+samples, so the default term is the sample's own trend alone (a fitted β per entry); the CFG-aware
+objective P adds a little; the least-squares β is optimal one step ahead, not for the trajectory,
+and the gain makes up for it (above 1 at FORA N ≤ 4, below 1 at N = 5).
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -31,77 +38,164 @@ from .prior import CoefficientFit, Prior, noise_for_seed
 from .schedules import Schedule
 
 TERMS = ("delta", "extrapolate", "trend")  # α, β, γ
+DEFAULT_TERMS = ("extrapolate",)
+DEFAULT_GAINS = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 class _ClosedLoopFitter:
-    """Called by the engine at each reuse entry; solves for and records (α, β, γ)."""
+    """Called by the engine once per step with a reuse entry; returns and records (α, β, γ) per entry.
 
-    def __init__(self, num_steps, num_blocks, terms, ridge, judge_threshold, min_gain):
+    Each entry on its own: min ||P(r − Σ_j θ_j u_j)||² with r = F* − Cc, where P maps a [2B, ...]
+    CFG batch to what reaches the guided output, s·cond + (1 − s)·uncond (``guidance`` = s; None:
+    P = identity). The errors the guidance amplifies count as much as they will in the sample.
+    """
+
+    def __init__(self, num_steps, num_blocks, terms, ridge, judge_threshold, min_gain, guidance=None):
         self.terms, self.ridge, self.judge_threshold, self.min_gain = terms, ridge, judge_threshold, min_gain
+        self.guidance = guidance
         self.coef = torch.zeros(num_steps, num_blocks, 2, 3)
 
-    def __call__(self, step, block, branch, truth, cache, prev, delta, trend) -> tuple[float, float, float]:
+    def _guided(self, value: torch.Tensor) -> torch.Tensor:
+        """[B, ...] -> P(value), flat."""
+        if self.guidance is None:
+            return value.flatten()
+        cond, uncond = value.chunk(2)
+        return (self.guidance * cond + (1.0 - self.guidance) * uncond).flatten()
+
+    def _entry(self, e) -> tuple[float, float, float]:
+        cache, truth, delta, trend, prev = e["cache"], e["truth"], e["delta"], e["trend"], e["prev"]
         batch = cache.shape[0]
-        target = (truth - cache).double().flatten()  # r = F* − Cc
         candidates = {"delta": None if delta is None else delta.double().repeat_interleave(batch // delta.shape[0], 0),
                       "extrapolate": None if prev is None else (cache - prev).double(),
                       "trend": None if trend is None else cache.double() * trend.double().repeat_interleave(batch // trend.shape[0], 0)}
         used = [TERMS.index(name) for name in self.terms if candidates[name] is not None]
-        coef = [0.0, 0.0, 0.0]
+        target = self._guided((truth - cache).double())
         plain = float(target @ target)
-        if used and plain > 0:
-            u = torch.stack([candidates[TERMS[j]].flatten() for j in used])  # [m, numel]
-            gram, rhs = u @ u.T, u @ target
-            regularised = gram + self.ridge * gram.diagonal().mean().clamp(min=1e-30) * torch.eye(len(used), dtype=gram.dtype)
-            theta = torch.linalg.solve(regularised, rhs)
-            residual = plain - 2 * float(theta @ rhs) + float(theta @ gram @ theta)
-            gain = (plain - residual) / plain
-            relative = plain / max(float(truth.double().pow(2).sum()), 1e-30)
-            keep = relative > self.judge_threshold and (self.min_gain is None or gain >= self.min_gain)
-            if keep:
-                for j, value in zip(used, theta.tolist()):
-                    coef[j] = value
-        self.coef[step, block, branch] = torch.tensor(coef)
+        if not used or plain == 0:
+            return (0.0, 0.0, 0.0)
+        # Offline judgment, level 1: only where plain reuse's relative error exceeds judge_threshold.
+        if plain / max(float(self._guided(truth.double()).pow(2).sum()), 1e-30) <= self.judge_threshold:
+            return (0.0, 0.0, 0.0)
+        u = torch.stack([self._guided(candidates[TERMS[j]]) for j in used])  # [m, numel]
+        gram, rhs = u @ u.T, u @ target
+        regularised = gram + self.ridge * gram.diagonal().mean().clamp(min=1e-30) * torch.eye(len(used), dtype=gram.dtype)
+        theta = torch.linalg.solve(regularised, rhs)
+        residual = plain - 2 * float(theta @ rhs) + float(theta @ gram @ theta)
+        if self.min_gain is not None and (plain - residual) / plain < self.min_gain:  # ... and where it helps enough
+            return (0.0, 0.0, 0.0)
+        coef = [0.0, 0.0, 0.0]
+        for j, value in zip(used, theta.tolist()):
+            coef[j] = value
         return tuple(coef)
 
+    def __call__(self, step, entries) -> dict:
+        result = {}
+        for e in entries:
+            key = (e["block"], e["branch"])
+            result[key] = self._entry(e)
+            self.coef[step][key] = torch.tensor(result[key])
+        return result
 
-def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior, labels, seeds, *,
-                     cfg_scale: float | None = None, terms=TERMS, ridge: float = 1e-3, judge_threshold: float = 0.0,
-                     min_gain: float | None = 0.0, progress: bool = True, adapter=None) -> CoefficientFit:
-    """Fit (α, β, γ) per reuse entry of ``schedule`` in closed loop on the (label, seed) pairs, sampled
-    as ONE batch (noise as in ``calibrate``). ``prior`` gives D and E and fixes the step count and CFG;
-    use calibration seeds disjoint from evaluation seeds. Returns a fit; ``prior.add_fit(fit)`` keeps it
-    (and ``prior.save`` stores it) for ``EOCConfig(mode="calibrated")``.
-    """
-    from .patching import EOCHandle
 
-    if not isinstance(prior, Prior):
-        raise TypeError(f"prior must be an eoc_dit.Prior, got {type(prior).__name__}")
-    unknown = [t for t in terms if t not in TERMS]
-    if unknown or not terms:
-        raise ValueError(f"terms must be a non-empty subset of {TERMS}, got {tuple(terms)}")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
-        raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
-    if sampler.num_steps != prior.num_steps:
-        raise ValueError(f"num_steps mismatch: the prior has {prior.num_steps}, the sampler runs {sampler.num_steps}")
-    cfg_scale = prior.cfg_scale if cfg_scale is None else cfg_scale
+def _check_gains(gains) -> tuple[float, ...]:
+    try:
+        values = tuple(gains)
+    except TypeError:
+        raise TypeError(f"gains must be a sequence of numbers > 0, got {gains!r}") from None
+    if not values or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0
+                         for g in values):
+        raise ValueError(f"gains must be a non-empty sequence of finite numbers > 0, got {gains!r}")
+    return tuple(float(g) for g in values)
+
+
+def _batch(model, labels, seeds, device):
     pairs = [(label, seed) for label in labels for seed in seeds]
     if not pairs:
         raise ValueError("labels and seeds must not be empty")
+    noise = torch.cat([noise_for_seed(model, seed) for _, seed in pairs]).to(device)
+    return noise, torch.tensor([label for label, _ in pairs], device=device)
+
+
+def trajectory_score_db(samples: torch.Tensor, uncached: torch.Tensor, clamp: tuple[float, float] | None = None) -> float:
+    """Mean over samples of −10·log10(MSE to the uncached sample): PSNR up to a constant, for any
+    sample space (pixels or latents). Higher is closer; identical samples count 100. ``clamp``
+    (low, high): compare the samples as they will be shown, e.g. (−1, 1) for a pixel-space model
+    whose out-of-range values are clipped (errors there are invisible)."""
+    if clamp is not None:
+        samples, uncached = samples.clamp(*clamp), uncached.clamp(*clamp)
+    mse = (samples.double() - uncached.double()).pow(2).flatten(1).mean(1)
+    return float(torch.where(mse > 0, -10 * torch.log10(mse.clamp(min=1e-30)), torch.full_like(mse, 100.0)).mean())
+
+
+def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior, labels, seeds, *,
+                     cfg_scale: float | None = None, terms=DEFAULT_TERMS, ridge: float = 1e-3,
+                     judge_threshold: float = 0.0, min_gain: float | None = 0.0, guided: bool = True,
+                     gains=DEFAULT_GAINS, tune_seeds=None, tune_clamp: tuple[float, float] | None = None,
+                     progress: bool = True, adapter=None) -> CoefficientFit:
+    """Fit (α, β, γ) per reuse entry of ``schedule`` in closed loop on the (label, seed) pairs, sampled
+    as ONE batch (noise as in ``calibrate``). ``prior`` gives D and E and fixes the step count and CFG;
+    use calibration seeds disjoint from evaluation seeds.
+
+    guided: with CFG, fit what reaches the guided output (P above) rather than both halves alike.
+    gains: candidate global gains g (coefficients ← g·θ); with more than one, the pairs
+    (label, ``tune_seeds``) are sampled uncached and under the schedule with each g, and the g whose
+    samples are closest to the uncached ones (``trajectory_score_db``) is kept. ``tune_seeds``
+    defaults to ``seeds``; seeds disjoint from the fitting seeds keep the choice honest.
+    ``tune_clamp`` (low, high): judge the samples clipped to this range (pixel-space models).
+
+    Returns a fit; ``prior.add_fit(fit)`` keeps it (and ``prior.save`` stores it) for
+    ``EOCConfig(mode="calibrated")`` (the default of ``apply_eoc`` when a prior is given).
+    """
+    from .config import EOCConfig
+    from .patching import EOCHandle, apply_eoc
+
+    if not isinstance(prior, Prior):
+        raise TypeError(f"prior must be an eoc_dit.Prior, got {type(prior).__name__}")
+    terms = tuple(terms) if not isinstance(terms, str) else (terms,)
+    unknown = [t for t in terms if t not in TERMS]
+    if unknown or not terms:
+        raise ValueError(f"terms must be a non-empty subset of {TERMS}, got {terms}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
+        raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+    gains = _check_gains(gains)
+    if tune_clamp is not None:
+        bounds = tuple(tune_clamp) if isinstance(tune_clamp, (tuple, list)) else ()
+        if len(bounds) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bounds) \
+                or not bounds[0] < bounds[1]:
+            raise ValueError(f"tune_clamp must be (low, high) with finite low < high, got {tune_clamp!r}")
+    if sampler.num_steps != prior.num_steps:
+        raise ValueError(f"num_steps mismatch: the prior has {prior.num_steps}, the sampler runs {sampler.num_steps}")
+    cfg_scale = prior.cfg_scale if cfg_scale is None else cfg_scale
     device = next(model.parameters()).device
+    noise, y = _batch(model, labels, seeds, device)
+    tune_batch = _batch(model, labels, seeds if tune_seeds is None else tune_seeds, device) if len(gains) > 1 else None
     num_blocks = len((adapter or DiTAdapter()).blocks(model))
-    fitter = _ClosedLoopFitter(prior.num_steps, num_blocks, tuple(terms), float(ridge), judge_threshold, min_gain)
-    handle = EOCHandle(model, schedule, prior, None, adapter=adapter, fitter=fitter)
+    guidance = float(cfg_scale) if guided and cfg_scale > 1.0 else None
+    fitter = _ClosedLoopFitter(prior.num_steps, num_blocks, terms, float(ridge), judge_threshold, min_gain, guidance)
     start = time.perf_counter()
+    handle = EOCHandle(model, schedule, prior, None, adapter=adapter, fitter=fitter)
     try:
-        noise = torch.cat([noise_for_seed(model, seed) for _, seed in pairs]).to(device)
-        y = torch.tensor([label for label, _ in pairs], device=device)
         sampler.sample(model, noise, y, cfg_scale=cfg_scale, progress=progress)
     finally:
         handle.remove()
     mask = schedule.mask(prior.num_steps, handle.num_blocks)
+    coef, gain, scores = fitter.coef, gains[0], None
+    if tune_batch is not None:
+        uncached = sampler.sample(model, *tune_batch, cfg_scale=cfg_scale, progress=progress)
+        scores = {}
+        for g in gains:
+            trial = Prior(prior.mean, prior.stats, prior.metadata, fits=[CoefficientFit(mask, g * fitter.coef, {})])
+            with apply_eoc(model, schedule, trial, EOCConfig(mode="calibrated"), adapter=adapter):
+                scores[g] = trajectory_score_db(sampler.sample(model, *tune_batch, cfg_scale=cfg_scale,
+                                                               progress=progress), uncached, tune_clamp)
+        gain = max(scores, key=scores.get)
+    coef = gain * fitter.coef
     info = {"schedule": repr(schedule), "terms": list(terms), "ridge": ridge, "judge_threshold": judge_threshold,
-            "min_gain": min_gain, "num_samples": len(pairs), "cfg_scale": cfg_scale,
-            "corrected_entries": int((fitter.coef != 0).any(-1).sum()), "reuse_entries": int((~mask).sum()),
+            "min_gain": min_gain, "guidance": guidance, "num_samples": int(noise.shape[0]), "cfg_scale": cfg_scale, "target": "uncached forward",
+            "gain": gain, "corrected_entries": int((coef != 0).any(-1).sum()), "reuse_entries": int((~mask).sum()),
             "wall_time_s": round(time.perf_counter() - start, 2)}
-    return CoefficientFit(mask, fitter.coef, info)
+    if scores is not None:
+        info["tune_samples"] = int(tune_batch[0].shape[0])
+        info["tune_clamp"] = None if tune_clamp is None else [float(v) for v in tune_clamp]
+        info["tune_score_db"] = {str(g): s for g, s in scores.items()}
+    return CoefficientFit(mask, coef, info)

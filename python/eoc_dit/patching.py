@@ -103,7 +103,7 @@ class EOCHandle:
         self.config = config
         self.adapter = adapter if adapter is not None else DiTAdapter()
         self.observer = observer
-        self.fitter = fitter  # closed-loop fitting (fitting.py): called at every reuse entry
+        self.fitter = fitter  # closed-loop fitting (fitting.py): solves each step with a reuse entry
         self.blocks = self.adapter.blocks(model)
         self.num_blocks = len(self.blocks)
         if self.num_blocks == 0:
@@ -125,8 +125,9 @@ class EOCHandle:
         if config is not None and config.mode == "calibrated":
             self._fit = prior.fit_for(self._mask)
             if self._fit is None:
-                raise ValueError(f"the prior has no coefficients fitted for {schedule!r}: fit them with "
-                                 "eoc_dit.fit_coefficients(...) and prior.add_fit(fit) (or 'eoc calibrate --fit')")
+                raise ValueError(f"the prior has no coefficients fitted for {schedule!r} (mode 'calibrated', the "
+                                 "default with a prior): fit them with eoc_dit.fit_coefficients(...) and "
+                                 "prior.add_fit(fit) ('eoc fit'), or pass another config, e.g. EOCConfig(mode='extrapolate')")
         # Only a correction that reads Cp needs a second generation of the cache.
         reads_previous = (fitter is not None or (config is not None and config.mode == "extrapolate")
                           or (self._fit is not None and bool((self._fit.coef[..., 1] != 0).any())))
@@ -153,6 +154,9 @@ class EOCHandle:
         self._announced = None
         self._last_timestep = None
         self._in_forward = False
+        self._recording = None  # fitting: {(block, branch): feature} of the uncached pass being recorded
+        self._step_entries = None  # fitting: {(block, branch): entry} of this step's reuse entries
+        self._step_coef = None  # fitting: {(block, branch): (α, β, γ)} the fitter chose for them
         self._reset_caches()
         self._install()
 
@@ -166,9 +170,17 @@ class EOCHandle:
             self._begin_step(args, kwargs)
             self._in_forward = True
             try:
+                if self.fitter is not None and not bool(self._mask_row(self.step).all()):
+                    # The fit's targets: every branch output of an UNCACHED forward on this same input.
+                    self._recording = {}
+                    original_forward(*args, **kwargs)
+                    self._step_entries = self._fitting_entries(self.step)
+                    self._step_coef = self.fitter(self.step, list(self._step_entries.values()))
+                    self._recording = None
                 return original_forward(*args, **kwargs)
             finally:
                 self._in_forward = False
+                self._recording = self._step_entries = self._step_coef = None
 
         self._saved_block_forwards = []
         for index, block in enumerate(self.blocks):
@@ -381,6 +393,8 @@ class EOCHandle:
                 return original_forward(*args, **kwargs)
             x, c = self.adapter.block_inputs(args, kwargs)
             step = self.step
+            if self._recording is not None:
+                return self._recording_forward(index, block, x, c)
             computes = [bool(v) for v in self._mask_row(step)[index]]
             backend = self._backend()
             token_threshold = self.config.token_threshold if self.config is not None else 0.0
@@ -410,9 +424,37 @@ class EOCHandle:
 
         return forward
 
+    def _recording_forward(self, index, block, x, c):
+        """A block computing both branches, as the original, and recording their outputs."""
+        block_adapter = self.adapter.block_adapter
+        modulation = block_adapter.modulation(block, c)
+        gates = block_adapter.gates_from_modulation(modulation)
+        for branch, run in enumerate((block_adapter.attn_branch, block_adapter.mlp_branch)):
+            feature = self._recording[(index, branch)] = run(block, x, modulation)
+            x = x + gates[branch].unsqueeze(1) * feature
+        return x
+
+    def _fitting_entries(self, step) -> dict:
+        """{(block, branch): entry} for each reuse entry of ``step``, with what the fitter needs: the
+        target F* (recorded), Cc and Cp (the cache buffer), D and E (the prior)."""
+        entries = {}
+        for (block, branch), truth in self._recording.items():
+            if self._mask[step, block, branch]:
+                continue
+            plan = self._plan(step, block, branch)
+            current = self._current_generation(step, block, branch)
+            entry = dict(block=block, branch=branch, truth=truth, cache=self._buffer[current, block, branch],
+                         prev=self._buffer[1 - current, block, branch] if plan.previous is not None else None,
+                         delta=None, trend=None)
+            if self.prior is not None:
+                entry["delta"] = self._prior_term("delta", step, plan.source, block, branch, truth)
+                entry["trend"] = self._prior_term("trend", step, plan.source, block, branch, truth)
+            entries[(block, branch)] = entry
+        return entries
+
     def _fitting_forward(self, step, index, block, x, c, computes):
-        """A block during closed-loop fitting: each reused branch is ALSO computed on the current
-        state (the target), the fitter picks (α, β, γ), and the corrected feature goes on."""
+        """A block during closed-loop fitting: each reused branch goes on with the corrected feature of
+        the (α, β, γ) the fitter chose for this step (from the uncached pass recorded just before)."""
         block_adapter = self.adapter.block_adapter
         branches = (block_adapter.attn_branch, block_adapter.mlp_branch)
         modulation = block_adapter.modulation(block, c)
@@ -421,19 +463,10 @@ class EOCHandle:
             if computes[branch]:
                 feature = branches[branch](block, x, modulation, out=self._write_slot(step, index, branch, x))
             else:
-                truth = branches[branch](block, x, modulation)  # [B, N, C]
-                plan = self._plan(step, index, branch)
-                current = self._current_generation(step, index, branch)
-                cache = self._buffer[current, index, branch]
-                prev = self._buffer[1 - current, index, branch] if plan.previous is not None else None
-                delta = trend = None
-                if self.prior is not None:
-                    delta = self._prior_term("delta", step, plan.source, index, branch, x)
-                    trend = self._prior_term("trend", step, plan.source, index, branch, x)
-                coef = self.fitter(step, index, branch, truth, cache, prev, delta, trend)
+                e, coef = self._step_entries[(index, branch)], self._step_coef[(index, branch)]
                 feature = eoc_kernels.reference.corrected_feature(
-                    cache, prev=prev if coef[1] else None, delta=delta if coef[0] else None,
-                    trend=trend if coef[2] else None, coef=coef).to(x.dtype)
+                    e["cache"], prev=e["prev"] if coef[1] else None, delta=e["delta"] if coef[0] else None,
+                    trend=e["trend"] if coef[2] else None, coef=coef).to(x.dtype)
             x = x + gates[branch].unsqueeze(1) * feature
         return x
 
@@ -454,14 +487,18 @@ def apply_eoc(model: nn.Module, schedule: Schedule, prior=None, config: EOCConfi
               adapter: ModelAdapter | None = None, observer=None) -> EOCHandle:
     """Patch ``model`` to sample under ``schedule`` with the EOC correction of ``config``.
 
-    prior: an ``eoc_dit.Prior`` (needed by the "trend" and "delta" presets and by the judgment).
-    config: None = plain caching under the schedule.
+    prior: an ``eoc_dit.Prior`` (needed by the "trend", "delta" and "calibrated" modes and by the judgment).
+    config: None = the default: with a prior, ``EOCConfig(mode="calibrated")`` (coefficients fitted for
+        this schedule, stored in the prior: the best correction on the testbed, README); without
+        one, plain caching under the schedule.
     adapter: how to reach the blocks of a model that is not laid out like ``eoc_dit.DiT``.
     observer: called as ``observer(step, block, branch, feature)`` for every computed branch output
         (``branch`` 0 = attention, 1 = MLP; ``feature`` [B, N, C], pre-gate) — calibration uses it.
         ``feature`` is a slot of the cache buffer, overwritten later: copy what you keep.
     Returns a handle; ``handle.remove()``, ``remove_eoc(model)`` or ``with apply_eoc(...):`` undo it.
     """
+    if config is None and prior is not None:
+        config = EOCConfig(mode="calibrated")
     return EOCHandle(model, schedule, prior, config, adapter=adapter, observer=observer)
 
 

@@ -404,3 +404,25 @@ def test_fit_adds_fits_to_a_prior(capsys, tmp_path, checkpoint_path, prior_path)
                     "--out", str(out)], match="--terms")
     _fails(capsys, ["fit", *model_args, "--steps", "4", "--labels", "0", "--prior", str(prior_path),
                     "--schedules", "fora:2", "--out", str(out)], match="num_steps mismatch")
+    _fails(capsys, ["fit", *model_args, *RUN, "--prior", str(prior_path), "--schedules", "fora:2", "--gains", "1", "0",
+                    "--out", str(out)], match="--gains must be > 0")
+
+
+def test_fit_tunes_the_gain_on_tune_seeds(capsys, tmp_path, checkpoint_path, prior_path):
+    out = tmp_path / "fitted.safetensors"
+    printed, _ = _ok(capsys, ["fit", "--checkpoint", str(checkpoint_path), *RUN, "--cfg-scale", "2", "--prior",
+                              str(prior_path), "--schedules", "fora:3", "--gains", "0.5", "1", "--tune-seeds", "7",
+                              "--tune-clamp", "-1", "1", "--out", str(out)])
+    info = Prior.load(out).fits[0].info
+    assert info["tune_clamp"] == [-1.0, 1.0]
+    assert set(info["tune_score_db"]) == {"0.5", "1.0"} and info["tune_samples"] == 2  # labels 0-1 x seed 7
+    assert info["gain"] == max((float(g) for g in info["tune_score_db"]), key=lambda g: info["tune_score_db"][str(g)])
+    assert f"gain {info['gain']}" in printed
+
+
+def test_sample_with_a_prior_defaults_to_calibrated(capsys, tmp_path, prior_path):
+    # The CLI's prior has no fit for fora:5: the default (calibrated) says so; --mode none samples plainly.
+    args = ["sample", *MODEL, *RUN, "--cfg-scale", "2", "--prior", str(prior_path), "--schedule", "fora:5", "--out", str(tmp_path / "x.npy")]
+    _fails(capsys, args, match="no coefficients fitted for FORASchedule\\(interval=5")
+    printed, _ = _ok(capsys, args + ["--mode", "none"])
+    assert "EOC none" in printed

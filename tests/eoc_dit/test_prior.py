@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from tests.eoc_dit.tiny import make_tiny_dit
 
 import eoc_dit.prior as prior_module
-from eoc_dit import (DDIMSampler, DiT, FORASchedule, Prior, apply_eoc, calibrate, model_fingerprint,
+from eoc_dit import (DDIMSampler, DiT, EOCConfig, FORASchedule, Prior, apply_eoc, calibrate, model_fingerprint,
                      noise_for_seed)
 from eoc_dit.prior import STAT_NAMES
 
@@ -458,7 +458,7 @@ def test_check_model_accepts_same_shapes_other_weights(prior, model):
     assert not torch.equal(other.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     assert model_fingerprint(other) == model_fingerprint(model) == prior.model_fingerprint
     prior.check_model(other, num_blocks=3)
-    apply_eoc(other, FORASchedule(2), prior).remove()
+    apply_eoc(other, FORASchedule(2), prior, EOCConfig(mode="trend")).remove()
 
 
 def test_fingerprint_is_names_and_shapes(model):
