@@ -1,5 +1,7 @@
 """The shipped testbed: the trained DiT, its prior, the classifier, and `eoc demo` on them."""
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -80,11 +82,41 @@ def test_eoc_demo_with_a_corrupted_shipped_file(capsys, tmp_path, monkeypatch):
 
 
 def test_eoc_evaluate_cli(capsys, tmp_path):
-    argv = ["evaluate", "--samples", "3", "--intervals", "2", "4", "--modes", "trend", "calibrated", "--out-dir", str(tmp_path)]
+    argv = ["evaluate", "--samples", "5", "--intervals", "2", "4", "--modes", "trend", "calibrated", "--out-dir", str(tmp_path)]
     assert main(argv) == 0
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 1 + 2 * 3 and rows[0].startswith("method,interval,mode,caching_level")
-    assert "| FORA N=4 + EOC calibrated |" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "| FORA N=4 + EOC calibrated |" in table and "PSNR per seed set" in table
+    assert "5 samples (two evaluation seed sets" in table
+    # Two seed sets (3 + 2 samples): the per-set PSNR of a row are the PSNR of its halves.
+    fora = next(r for r in csv.DictReader(io.StringIO("\n".join(rows))) if r["method"] == "FORA N=2")
+    per_set = [float(v) for v in fora["psnr_sets"].split(";")]
+    assert len(per_set) == 2 and min(per_set) <= float(fora["psnr"]) <= max(per_set)
+    assert float(fora["psnr"]) == pytest.approx((3 * per_set[0] + 2 * per_set[1]) / 5, rel=1e-4)
+    assert main(["evaluate", "--samples", "3", "--out-dir", str(tmp_path)]) == 2  # 2 sets need >= 4 samples
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["evaluate", "--modes", "bogus", "--out-dir", str(tmp_path)]) == 2
     assert main(["evaluate", "--out-dir", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--steps", "25"], "no shipped testbed prior for 25 steps"),
+    (["--intervals", "1"], "--intervals"),
+    (["--samples", "3"], "--seed-sets"),
+])
+def test_eoc_evaluate_bad_input(capsys, tmp_path, argv, match):
+    assert main(["evaluate", "--out-dir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and match in err and "Traceback" not in err
+
+
+def test_eoc_evaluate_with_a_corrupted_shipped_prior(capsys, tmp_path, monkeypatch):
+    assets = tmp_path / "assets"
+    shutil.copytree(testbed.ASSETS, assets)
+    prior = assets / "testbed_prior_ddim20.safetensors"
+    prior.write_bytes(prior.read_bytes()[:1000])  # truncated
+    monkeypatch.setattr(testbed, "ASSETS", str(assets))
+    assert main(["evaluate", "--samples", "4", "--intervals", "2", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "testbed_prior_ddim20.safetensors" in err and "Traceback" not in err

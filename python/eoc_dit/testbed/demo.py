@@ -1,8 +1,8 @@
 """``eoc demo`` and ``eoc evaluate``: caching methods on the shipped testbed, judged against the
 uncached samples from the same noise.
 
-Evaluation noise uses seeds from ``EVAL_SEED_BASE`` up, disjoint from the shipped prior's
-calibration seeds. Fidelity (the targets): PSNR against the uncached sample from the same noise and
+Evaluation noise uses seeds from ``EVAL_SEED_BASE`` up (the second evaluation seed set from
+``EVAL_SEED_BASE_2`` up), disjoint from every seed the shipped prior and fits were made on. Fidelity (the targets): PSNR against the uncached sample from the same noise and
 FD-to-uncached; FD-to-data and classifier accuracy are reported too (DESIGN §2 explains why
 FD-to-data is not a fidelity target). Wall times and speedups are measured in the same run.
 """
@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 EVAL_SEED_BASE = 100_000
+EVAL_SEED_BASE_2 = 200_000  # the second evaluation seed set of `eoc evaluate`
 PRESET_MODES = ("trend", "delta", "extrapolate", "calibrated")
 
 
@@ -39,6 +40,8 @@ class ResultRow:
     fd_to_uncached: float
     fd_to_data: float
     accuracy: float
+    psnr_sets: tuple = ()  # PSNR of each evaluation seed set (when there are several)
+    fd_sets: tuple = ()  # FD to uncached of each evaluation seed set
 
 
 def demo_batch(model, num_samples: int, seed_base: int = EVAL_SEED_BASE):
@@ -60,8 +63,12 @@ def methods_for(intervals, modes) -> list[Method]:
 
 
 def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch_size: int = 500,
-             progress: bool = True) -> tuple[list[ResultRow], dict[str, torch.Tensor]]:
-    """Sample the same evaluation noise with every method (the first must be uncached); metrics vs it."""
+             progress: bool = True, seed_sets: int = 1) -> tuple[list[ResultRow], dict[str, torch.Tensor]]:
+    """Sample the same evaluation noise with every method (the first must be uncached); metrics vs it.
+
+    seed_sets: 1 or 2 — with 2 the samples are split evenly between the seed sets starting at
+    ``EVAL_SEED_BASE`` and ``EVAL_SEED_BASE_2``, and PSNR / FD to uncached are also given per set.
+    """
     from .. import testbed
     from ..config import EOCConfig
     from ..diffusion import DDIMSampler
@@ -72,10 +79,16 @@ def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch
         raise ValueError(f"--samples must be >= 2 (a Fréchet distance needs a covariance), got {num_samples}")
     if not methods or methods[0].interval is not None:
         raise ValueError("the first method must be the uncached reference")
+    if seed_sets not in (1, 2) or num_samples < 2 * seed_sets:
+        raise ValueError(f"--seed-sets must be 1 or 2 with >= 2 samples per set, got {seed_sets} sets of {num_samples} samples")
     model = testbed.load_model()
     prior = testbed.load_prior(num_steps)
     sampler = DDIMSampler(num_steps)
-    noise, labels = demo_batch(model, num_samples)
+    sizes = [num_samples - num_samples // 2, num_samples // 2] if seed_sets == 2 else [num_samples]
+    batches = [demo_batch(model, n, base) for n, base in zip(sizes, (EVAL_SEED_BASE, EVAL_SEED_BASE_2))]
+    noise, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
+    sets = [slice(a, b) for a, b in zip(bounds, bounds[1:])] if seed_sets == 2 else []
     samples, seconds = {}, {}
     for method in methods:
         schedule = FORASchedule(method.interval) if method.interval else None
@@ -98,7 +111,9 @@ def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch
         rows.append(ResultRow(method.name, method.interval, method.mode, level, seconds[method.name],
                               seconds[methods[0].name] / seconds[method.name], testbed.psnr(images, reference),
                               testbed.fd(images, reference), testbed.fd_to_data(images),
-                              testbed.classifier_accuracy(images, labels)))
+                              testbed.classifier_accuracy(images, labels),
+                              tuple(testbed.psnr(images[s], reference[s]) for s in sets),
+                              tuple(testbed.fd(images[s], reference[s]) for s in sets)))
     return rows, samples
 
 
@@ -112,12 +127,19 @@ def run_demo(num_samples: int = 100, interval: int = 3, mode: str = "calibrated"
 
 
 def format_table(rows: list[ResultRow]) -> str:
-    lines = ["| method | caching level | time s | speedup | PSNR vs uncached dB | FD to uncached | FD to data | accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown table; with several evaluation seed sets, PSNR and FD to uncached also per set (A / B)."""
+    per_set = bool(rows and rows[0].psnr_sets)
+    extra = " PSNR per seed set | FD to uncached per seed set |" if per_set else ""
+    lines = ["| method | caching level | time s | speedup | PSNR vs uncached dB | FD to uncached | FD to data | accuracy |"
+             + extra, "|---|---|---|---|---|---|---|---|" + ("---|---|" if per_set else "")]
     for r in rows:
         psnr = "—" if r.interval is None else f"{r.psnr:.2f}"
-        lines.append(f"| {r.method} | {r.caching_level:.2f} | {r.seconds:.1f} | {r.speedup:.2f}× | {psnr} | "
-                     f"{r.fd_to_uncached:.3f} | {r.fd_to_data:.2f} | {r.accuracy:.3f} |")
+        line = (f"| {r.method} | {r.caching_level:.2f} | {r.seconds:.1f} | {r.speedup:.2f}× | {psnr} | "
+                f"{r.fd_to_uncached:.3f} | {r.fd_to_data:.2f} | {r.accuracy:.3f} |")
+        if per_set:
+            sets_psnr = "—" if r.interval is None else " / ".join(f"{v:.2f}" for v in r.psnr_sets)
+            line += f" {sets_psnr} | {' / '.join(f'{v:.3f}' for v in r.fd_sets)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -127,7 +149,8 @@ def write_results(rows: list[ResultRow], out_dir: str, header: str) -> tuple[str
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+        for r in rows:  # per-set values as "a;b" so that every row stays one CSV record
+            writer.writerow(asdict(r) | {key: ";".join(f"{v:.6g}" for v in getattr(r, key)) for key in ("psnr_sets", "fd_sets")})
     with open(md_path, "w") as f:
         f.write(header + "\n\n" + format_table(rows) + "\n")
     return csv_path, md_path
