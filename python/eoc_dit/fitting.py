@@ -74,7 +74,8 @@ class _ClosedLoopFitter:
         if not used or plain == 0:
             return (0.0, 0.0, 0.0)
         # Offline judgment, level 1: only where plain reuse's relative error exceeds judge_threshold.
-        if plain / max(float(self._guided(truth.double()).pow(2).sum()), 1e-30) <= self.judge_threshold:
+        if self.judge_threshold > 0 and \
+                plain / max(float(self._guided(truth.double()).pow(2).sum()), 1e-30) <= self.judge_threshold:
             return (0.0, 0.0, 0.0)
         u = torch.stack([self._guided(candidates[TERMS[j]]) for j in used])  # [m, numel]
         gram, rhs = u @ u.T, u @ target
@@ -158,6 +159,12 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
         raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
     gains = _check_gains(gains)
+    for name, value, optional in (("judge_threshold", judge_threshold, False), ("min_gain", min_gain, True)):
+        if (value is None and not optional) or (value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value))):
+            raise ValueError(f"{name} must be a finite number{' or None' if optional else ''}, got {value!r}")
+    if judge_threshold < 0:
+        raise ValueError(f"judge_threshold must be >= 0, got {judge_threshold}")
     if tune_clamp is not None:
         bounds = tuple(tune_clamp) if isinstance(tune_clamp, (tuple, list)) else ()
         if len(bounds) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bounds) \
@@ -179,7 +186,7 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     finally:
         handle.remove()
     mask = schedule.mask(prior.num_steps, handle.num_blocks)
-    coef, gain, scores = fitter.coef, gains[0], None
+    gain, scores = gains[0], None
     if tune_batch is not None:
         uncached = sampler.sample(model, *tune_batch, cfg_scale=cfg_scale, progress=progress)
         scores = {}

@@ -123,6 +123,9 @@ def test_bad_arguments(model, prior):
     for gains, error in [((), ValueError), ((1.0, 0.0), ValueError), ((1.0, float("nan")), ValueError), (2.0, TypeError)]:
         with pytest.raises(error, match="gains"):
             fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], gains=gains)
+    for kwargs in [dict(judge_threshold=-0.1), dict(judge_threshold=None), dict(min_gain=float("nan")), dict(min_gain="0")]:
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], **kwargs)
     for clamp in [(1.0, -1.0), (0.0,), 5.0, (0.0, float("inf"))]:
         with pytest.raises(ValueError, match="tune_clamp"):
             fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], tune_clamp=clamp)
