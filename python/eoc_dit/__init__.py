@@ -7,11 +7,12 @@ corrected features. The ops themselves live in ``eoc_kernels``.
 
 from .adapters import BlockAdapter, DiTAdapter, DiTBlockAdapter, ModelAdapter
 from .config import EOCConfig
-from .diffusion import DDIMSampler, DDPMSampler
+from .calibration import calibrate
+from .diffusion import DDIMSampler, DDPMSampler, noise_for_seed
 from .fitting import fit_coefficients
 from .models import DiT, DiT_models, load_dit
 from .patching import EOCHandle, apply_eoc, remove_eoc
-from .prior import CoefficientFit, Prior, calibrate, model_fingerprint, noise_for_seed
+from .prior import CoefficientFit, Prior, model_fingerprint
 from .schedules import FORASchedule, MaskSchedule
 
 __version__ = "0.1.0"

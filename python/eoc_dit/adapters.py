@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import Attention, Mlp, modulate
+from .models import dit_attn_branch, dit_gates, dit_mlp_branch, dit_modulation
 
 
 class BlockAdapter:
@@ -54,14 +54,15 @@ class BlockAdapter:
 
 
 class DiTBlockAdapter(BlockAdapter):
-    """The block of the original DiT release (``eoc_dit.models.DiTBlock``): the branch computations
-    are the exact ops of ``DiTBlock.forward``, so an all-compute patched run is bit-identical."""
+    """The block of the original DiT release (``eoc_dit.models.DiTBlock``, or any block with its attribute
+    names ``norm1``, ``attn``, ``norm2``, ``mlp``, ``adaLN_modulation``): it calls the very functions
+    ``DiTBlock.forward`` is made of, so an all-compute patched run is bit-identical by construction."""
 
     def modulation(self, block, c):
-        return block.adaLN_modulation(c).chunk(6, dim=1)
+        return dit_modulation(block, c)
 
     def gates_from_modulation(self, modulation):
-        return modulation[2], modulation[5]
+        return dit_gates(modulation)
 
     def gate_rows(self, block):
         # Rows [2C, 3C) and [5C, 6C) of the adaLN linear are g_attn and g_mlp.
@@ -75,18 +76,10 @@ class DiTBlockAdapter(BlockAdapter):
         return block.adaLN_modulation[0](c)
 
     def attn_branch(self, block, x, modulation, out=None):
-        shift, scale = modulation[0], modulation[1]
-        h = modulate(block.norm1(x), shift, scale)
-        return block.attn(h, out=out) if isinstance(block.attn, Attention) else _into(out, block.attn(h))
+        return dit_attn_branch(block, x, modulation, out=out)
 
     def mlp_branch(self, block, x, modulation, out=None):
-        shift, scale = modulation[3], modulation[4]
-        h = modulate(block.norm2(x), shift, scale)
-        return block.mlp(h, out=out) if isinstance(block.mlp, Mlp) else _into(out, block.mlp(h))
-
-
-def _into(out, value):
-    return value if out is None else out.copy_(value)
+        return dit_mlp_branch(block, x, modulation, out=out)
 
 
 class ModelAdapter:

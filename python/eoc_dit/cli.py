@@ -141,7 +141,8 @@ def _pairs(args):
 
 
 def cmd_calibrate(args) -> None:
-    from .prior import STORAGE_DTYPES, calibrate
+    from .calibration import calibrate
+    from .prior import STORAGE_DTYPES
 
     _check_writable(args.out)
     labels, seeds = _int_list(args.labels, "--labels"), _int_list(args.seeds, "--seeds")  # before the model loads
@@ -193,7 +194,8 @@ def cmd_fit(args) -> None:
 def cmd_sample(args) -> None:
     from .config import EOCConfig
     from .patching import apply_eoc
-    from .prior import Prior, noise_for_seed
+    from .diffusion import noise_for_seed
+    from .prior import Prior
 
     _check_writable(args.out)
     if not args.out.endswith((".npy", ".png")):

@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import eoc_kernels
+
 MODES = ("trend", "delta", "extrapolate", "calibrated")
 PRIOR_MODES = ("trend", "delta", "calibrated")
 # θ when none is given: the values of the feasibility probe in DESIGN §2.
 DEFAULT_THETA = {"trend": 0.2, "delta": 1.0, "extrapolate": 1.0}
-BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+BACKENDS = ("auto",) + eoc_kernels.dispatch.BACKENDS
 
 
 def _check_number(value, name: str, *, allow_none: bool = False, minimum: float | None = None):
@@ -38,7 +40,10 @@ def _check_number(value, name: str, *, allow_none: bool = False, minimum: float 
 class EOCConfig:
     """How reused features are corrected.
 
-    mode: ``"trend"`` | ``"delta"`` | ``"extrapolate"`` | ``"calibrated"`` (see the module docstring).
+    mode: ``"calibrated"`` (the default) | ``"trend"`` | ``"delta"`` | ``"extrapolate"`` (see the module
+        docstring). The one rule for defaults: ``EOCConfig()`` is the calibrated mode, and
+        ``apply_eoc(model, schedule, prior)`` without a config uses ``EOCConfig()`` (without a prior,
+        plain caching); the calibrated mode needs a prior carrying a fit for the schedule.
     theta: the coefficient of the preset's term; None takes the preset's default (``DEFAULT_THETA``).
     judge_threshold: offline judgment — an entry is corrected only where plain reuse has a calibration
         relative error E||F[t]−F[s]||² / E||F[t]||² above this. Needs a prior when > 0.
@@ -48,10 +53,10 @@ class EOCConfig:
         applied when the coefficients were fitted and are not applied again.
     token_threshold: online judgment inside the op — a token is corrected only if
         ||corr|| / (||Cc|| + 1e-6) > token_threshold; <= 0 corrects every token.
-    backend: op backend, ``"auto"`` or a name from ``eoc_kernels.available_backends``.
+    backend: op backend, ``"auto"`` or a name from ``eoc_kernels.dispatch.BACKENDS``.
     """
 
-    mode: str = "trend"
+    mode: str = "calibrated"
     theta: float | None = None
     judge_threshold: float = 0.0
     min_gain: float | None = 0.0

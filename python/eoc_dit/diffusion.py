@@ -384,3 +384,15 @@ class DDPMSampler(_Sampler):
             log_variance = learned_range_log_variance(var_values, min_log, tables["log_betas"][index])
         step_noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return mean + torch.exp(0.5 * log_variance) * step_noise
+
+
+def noise_for_seed(model, seed: int) -> torch.Tensor:
+    """The documented, reproducible noise of one (label, seed) pair, [1, in_channels, input_size, input_size]:
+    ``torch.randn(..., generator=torch.Generator().manual_seed(seed))`` on the CPU (move it where it is used)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    for attr in ("in_channels", "input_size"):
+        if not isinstance(getattr(model, attr, None), numbers.Integral):
+            raise TypeError(f"model must expose an int .{attr} (the noise shape of a sample), got {type(model).__name__}")
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randn(1, model.in_channels, model.input_size, model.input_size, generator=generator)

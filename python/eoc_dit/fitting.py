@@ -34,7 +34,11 @@ import torch
 from torch import nn
 
 from .adapters import DiTAdapter
-from .prior import CoefficientFit, Prior, noise_for_seed
+from .config import EOCConfig
+from .diffusion import noise_for_seed
+from .patching import EOCHandle, StepContext, StepStrategy, apply_eoc
+from .prior import CoefficientFit, Prior
+from .prior_terms import DELTA, TREND
 from .schedules import Schedule
 
 TERMS = ("delta", "extrapolate", "trend")  # α, β, γ
@@ -43,7 +47,7 @@ DEFAULT_GAINS = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 class _ClosedLoopFitter:
-    """Called by the engine once per step with a reuse entry; returns and records (α, β, γ) per entry.
+    """The per-entry solver: (α, β, γ) of each reuse entry of a step, recorded in ``coef`` [T, L, 2, 3].
 
     Each entry on its own: min ||P(r − Σ_j θ_j u_j)||² with r = F* − Cc, where P maps a [2B, ...]
     CFG batch to what reaches the guided output, s·cond + (1 − s)·uncond (``guidance`` = s; None:
@@ -98,6 +102,27 @@ class _ClosedLoopFitter:
         return result
 
 
+class ClosedLoopFitting(StepStrategy):
+    """The strategy the engine runs while fitting: at every step with a reuse entry, the targets F*
+    come from an uncached forward on the step's input, the solver picks each entry's coefficients,
+    and the step goes on with the corrected features of those coefficients."""
+
+    def __init__(self, solver: _ClosedLoopFitter):
+        self.solver = solver
+
+    def step_coefficients(self, context: StepContext) -> dict:
+        truths = context.uncached_features()
+        wants = {name: name in self.solver.terms for name in TERMS}
+        entries = []
+        for block, branch in context.reuse_entries:
+            truth = truths[(block, branch)]
+            entries.append(dict(block=block, branch=branch, truth=truth, cache=context.cached(block, branch),
+                                prev=context.previous(block, branch),
+                                delta=context.prior_term(DELTA, block, branch, truth) if wants["delta"] else None,
+                                trend=context.prior_term(TREND, block, branch, truth) if wants["trend"] else None))
+        return self.solver(context.step, entries)
+
+
 def _check_gains(gains) -> tuple[float, ...]:
     try:
         values = tuple(gains)
@@ -147,17 +172,14 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     Returns a fit; ``prior.add_fit(fit)`` keeps it (and ``prior.save`` stores it) for
     ``EOCConfig(mode="calibrated")`` (the default of ``apply_eoc`` when a prior is given).
     """
-    from .config import EOCConfig
-    from .patching import EOCHandle, apply_eoc
-
     if not isinstance(prior, Prior):
         raise TypeError(f"prior must be an eoc_dit.Prior, got {type(prior).__name__}")
     terms = tuple(terms) if not isinstance(terms, str) else (terms,)
     unknown = [t for t in terms if t not in TERMS]
     if unknown or not terms:
         raise ValueError(f"terms must be a non-empty subset of {TERMS}, got {terms}")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
-        raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     gains = _check_gains(gains)
     for name, value, optional in (("judge_threshold", judge_threshold, False), ("min_gain", min_gain, True)):
         if (value is None and not optional) or (value is not None and (
@@ -180,7 +202,7 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     guidance = float(cfg_scale) if guided and cfg_scale > 1.0 else None
     fitter = _ClosedLoopFitter(prior.num_steps, num_blocks, terms, float(ridge), judge_threshold, min_gain, guidance)
     start = time.perf_counter()
-    handle = EOCHandle(model, schedule, prior, None, adapter=adapter, fitter=fitter)
+    handle = EOCHandle(model, schedule, prior, None, adapter=adapter, strategy=ClosedLoopFitting(fitter))
     try:
         sampler.sample(model, noise, y, cfg_scale=cfg_scale, progress=progress)
     finally:

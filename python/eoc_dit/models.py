@@ -16,8 +16,9 @@ differences from the original are deliberate and small:
 * :meth:`DiT.forward` checks the shapes and dtypes of its inputs (never their values: that would need
   a host sync).
 
-:func:`modulate` and the op order of :meth:`DiTBlock.forward` are part of the contract: the caching
-code re-computes block branches from them and expects bit-identical results.
+The block maths lives in :func:`dit_modulation`, :func:`dit_attn_branch` and :func:`dit_mlp_branch`:
+:meth:`DiTBlock.forward` is made of them and the caching engine calls the same functions, so an
+all-compute patched run is bit-identical to the unpatched model by construction.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ __all__ = [
     "TimestepEmbedder",
     "LabelEmbedder",
     "modulate",
+    "dit_modulation",
+    "dit_gates",
+    "dit_attn_branch",
+    "dit_mlp_branch",
     "get_2d_sincos_pos_embed",
     "DIT_CONFIGS",
     "DiT_models",
@@ -193,8 +198,49 @@ class Mlp(nn.Module):
         return _linear(self.fc2, self.act(self.fc1(x)), out)
 
 
+def dit_modulation(block: nn.Module, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The six adaLN-Zero chunks of a DiT block, each [B, C]:
+    (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp) = adaLN_modulation(c).chunk(6)."""
+    return block.adaLN_modulation(c).chunk(6, dim=1)
+
+
+def dit_gates(modulation: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_attn, gate_mlp), each [B, C], of :func:`dit_modulation`'s chunks."""
+    return modulation[2], modulation[5]
+
+
+def dit_attn_branch(block: nn.Module, x: torch.Tensor, modulation, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention-branch output before its gate, ``attn(modulate(norm1(x), shift_attn, scale_attn))``, [B, N, C].
+
+    ``out`` (a contiguous [B, N, C] tensor): the output projection writes straight into it (the caching
+    engine passes a slot of its cache buffer); a foreign attention module's result is copied there.
+    """
+    h = modulate(block.norm1(x), modulation[0], modulation[1])
+    if isinstance(block.attn, Attention):
+        return block.attn(h, out=out)
+    return _into(out, block.attn(h))
+
+
+def dit_mlp_branch(block: nn.Module, x: torch.Tensor, modulation, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The MLP-branch output before its gate, ``mlp(modulate(norm2(x), shift_mlp, scale_mlp))``, [B, N, C];
+    ``out`` as in :func:`dit_attn_branch`."""
+    h = modulate(block.norm2(x), modulation[3], modulation[4])
+    if isinstance(block.mlp, Mlp):
+        return block.mlp(h, out=out)
+    return _into(out, block.mlp(h))
+
+
+def _into(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if out is None else out.copy_(value)
+
+
 class DiTBlock(nn.Module):
-    """A DiT block with adaLN-Zero conditioning (paper Fig. 3, right)."""
+    """A DiT block with adaLN-Zero conditioning (paper Fig. 3, right).
+
+    Its forward is made of :func:`dit_modulation`, :func:`dit_attn_branch` and :func:`dit_mlp_branch`,
+    the same functions the caching engine calls (``adapters.DiTBlockAdapter``), so a patched block that
+    computes both branches is bit-identical to this forward by construction.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -205,10 +251,11 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, N, C] tokens, ``c`` [B, C] conditioning → [B, N, C]. Op order is part of the contract."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        """``x`` [B, N, C] tokens, ``c`` [B, C] conditioning → [B, N, C]."""
+        modulation = dit_modulation(self, c)
+        gate_attn, gate_mlp = dit_gates(modulation)
+        x = x + gate_attn.unsqueeze(1) * dit_attn_branch(self, x, modulation)
+        x = x + gate_mlp.unsqueeze(1) * dit_mlp_branch(self, x, modulation)
         return x
 
 

@@ -32,6 +32,12 @@ class Schedule:
         """The step count this schedule is bound to, or None when it fits any run length."""
         return None
 
+    @property
+    def prefix_stable(self) -> bool:
+        """True when ``mask(T, L)`` is the first T steps of ``mask(T', L)`` for every T' > T, so a run of
+        unknown length can follow it step by step. Subclasses that hold this say so; the default is False."""
+        return False
+
     def caching_level_for(self, num_steps: int, num_blocks: int) -> float:
         """Fraction of reused (step, block, branch) entries over a run of ``num_steps`` steps."""
         return float((~self.mask(num_steps, num_blocks)).float().mean())
@@ -48,6 +54,10 @@ class FORASchedule(Schedule):
     def __init__(self, interval: int, warmup: int = 0):
         self.interval = _check_positive_int(interval, "interval")
         self.warmup = _check_positive_int(warmup, "warmup", minimum=0)
+
+    @property
+    def prefix_stable(self) -> bool:
+        return True
 
     def computes(self, step: int) -> bool:
         return step < self.warmup or (step - self.warmup) % self.interval == 0

@@ -138,6 +138,7 @@ def test_targets_are_the_uncached_forward_on_the_current_input(model, batch):
     # At step 1 of FORA(3) the input equals the uncached run's (step 0 computed everything), so the
     # target of every reused entry must be the uncached run's branch output, in every block — not the
     # branch recomputed on the reused (wrong) input of the blocks after the first.
+    from eoc_dit.fitting import ClosedLoopFitting
     from eoc_dit.patching import EOCHandle
     from eoc_dit.schedules import MaskSchedule
 
@@ -152,7 +153,9 @@ def test_targets_are_the_uncached_forward_on_the_current_input(model, batch):
             targets[(step, e["block"], e["branch"])] = e["truth"].clone()
         return {(e["block"], e["branch"]): (0.0, 0.0, 0.0) for e in entries}
 
-    handle = EOCHandle(model, FORASchedule(3), None, None, fitter=fitter)
+    strategy = ClosedLoopFitting(fitter)
+    strategy.solver.terms = ("extrapolate",)
+    handle = EOCHandle(model, FORASchedule(3), None, None, strategy=strategy)
     try:
         plain = DDIMSampler(STEPS).sample(model, *batch, cfg_scale=2.0)
     finally:

@@ -52,7 +52,7 @@ def test_fora_cached_step_is_one_segment_and_one_gate_matmul(model, inputs, monk
         for args, kwargs in segment.calls:
             x, gates, cache, generation = args
             assert gates.shape == (4, 4, 2, 32) and cache.shape == (2, 4, 2, 4, 16, 32)  # S = L = 4, G = 2
-            assert cache.data_ptr() == handle._buffer.data_ptr()  # a view of the buffer, not a copy
+            assert cache.data_ptr() == handle.cache.buffer.data_ptr()  # a view of the buffer, not a copy
         # One gate matmul per cached step: count linear calls with the stacked [L·2C, C] weight.
         monkeypatch.setattr(torch.nn.functional, "linear", linear)
         sampler.sample(model, *inputs, cfg_scale=2.0)
@@ -84,7 +84,7 @@ def test_computed_features_are_written_into_the_buffer(model, inputs):
         pointers.clear()
         with apply_eoc(model, FORASchedule(2), config=config, observer=observer) as handle:
             DDIMSampler(STEPS).sample(model, *inputs, cfg_scale=2.0)
-            buffer = handle._buffer
+            buffer = handle.cache.buffer
             assert buffer.shape[0] == generations
             start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
             assert pointers and all(start <= p < end for p in pointers)

@@ -194,7 +194,7 @@ def test_judgment_keeps_only_entries_that_gain(model, prior):
     handle = apply_eoc(model, FORASchedule(3), prior, EOCConfig(mode="delta", theta=1.0, min_gain=0.0))
     try:
         kept = dropped = 0
-        for (t, l, k), plan in handle._plans.items():
+        for (t, l, k), plan in handle.plan.entries.items():
             plain = prior.plain_error(t, plan.source, l, k)
             corrected = prior.corrected_error(t, plan.source, plan.previous, l, k, (1.0, 0.0, 0.0))
             assert plan.corrected == (corrected <= plain)
@@ -202,7 +202,7 @@ def test_judgment_keeps_only_entries_that_gain(model, prior):
             dropped += not plan.corrected
     finally:
         handle.remove()
-    assert kept + dropped == len(handle._plans) > 0
+    assert kept + dropped == len(handle.plan.entries) > 0
 
 
 def test_huge_token_threshold_corrects_nothing(model, inputs):

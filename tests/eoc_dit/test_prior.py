@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from tests.eoc_dit.tiny import make_tiny_dit
 
+import eoc_dit.calibration as calibration_module
 import eoc_dit.prior as prior_module
 from eoc_dit import (DDIMSampler, DiT, EOCConfig, FORASchedule, Prior, apply_eoc, calibrate, model_fingerprint,
                      noise_for_seed)
@@ -575,7 +576,7 @@ def test_noise_for_seed(model, seed):
 
 def test_statistics_pass_holds_a_window_not_the_run(model, monkeypatch):
     steps, max_gap = 9, 2
-    original = prior_module._StatAccumulator.__call__
+    original = calibration_module.StatAccumulator.__call__
     largest, seen = {}, []
 
     def spy(self, step, block, branch, feature):
@@ -585,7 +586,7 @@ def test_statistics_pass_holds_a_window_not_the_run(model, monkeypatch):
         largest[(block, branch)] = max(largest.get((block, branch), 0), len(window))
         seen.append(step)
 
-    monkeypatch.setattr(prior_module._StatAccumulator, "__call__", spy)
+    monkeypatch.setattr(calibration_module.StatAccumulator, "__call__", spy)
     p = calibrate(model, DDIMSampler(steps), [0, 1], [1, 2], cfg_scale=1.0, max_gap=max_gap, holdout=0.5,
                   batch_size=1, progress=False)
     assert p.num_holdout == 2

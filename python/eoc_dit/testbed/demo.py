@@ -47,7 +47,7 @@ class ResultRow:
 
 def demo_batch(model, num_samples: int, seed_base: int = EVAL_SEED_BASE):
     """(noise [S, 1, 28, 28], labels [S]): labels cycle through the classes, one seed per sample."""
-    from ..prior import noise_for_seed
+    from ..diffusion import noise_for_seed
 
     labels = torch.arange(num_samples) % model.num_classes
     noise = torch.cat([noise_for_seed(model, seed_base + i) for i in range(num_samples)])
