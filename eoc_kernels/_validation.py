@@ -3,8 +3,15 @@
 Each check raises TypeError for a wrong type or dtype and ValueError for a wrong shape, device or
 length, with a message "<op>: <argument> must ..., got ..." naming the argument, what was expected
 and what was given. Backends (the reference included) assume checked inputs.
+
+Values are checked only where that costs no host sync (DESIGN §3: a cached step never syncs):
+Python numbers always, tensors when they are on the CPU and not being traced by torch.compile
+(which cannot branch on a tensor's value without a graph break). A bad ``generation`` elsewhere
+(CUDA, traced) trips a device-side assert (``torch._assert_async``); non-finite tensor
+coefficients and thresholds there are not checked.
 """
 
+import math
 import numbers
 
 import torch
@@ -20,6 +27,21 @@ def _fmt_shape(shape):
 def _is_number(value):
     # bool is a numbers.Real, but True as a coefficient is almost surely a mistake.
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _values_readable(tensor):
+    """Whether tensor's values can be read on the host for free: a CPU tensor, not under tracing."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _require_finite(op, name, value):
+    """A Python number, or a float tensor whose values are readable, must be finite."""
+    if isinstance(value, torch.Tensor):
+        if _values_readable(value) and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{op}: {name} must be finite (no NaN or inf), got "
+                             f"{value.tolist()}")
+    elif not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite (no NaN or inf), got {value}")
 
 
 def _require_tensor(op, name, value):
@@ -83,6 +105,7 @@ def _check_coef(op, name, coef, device):
     """coef = (alpha, beta, gamma): a tuple or list of 3 numbers, or a float32 tensor [3]."""
     if isinstance(coef, torch.Tensor):
         _check_parameter_tensor(op, name, coef, device, shapes=[(3,)], layout="[3]")
+        _require_finite(op, name, coef)
         return
     if not isinstance(coef, (tuple, list)):
         raise TypeError(f"{op}: {name} must be a tuple of 3 numbers (alpha, beta, gamma) or a "
@@ -93,6 +116,9 @@ def _check_coef(op, name, coef, device):
         if not _is_number(value):
             raise TypeError(f"{op}: {name} entries must be Python numbers (not bool), "
                             f"got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{op}: {name} entries must be finite (no NaN or inf), "
+                             f"got {tuple(coef)}")
 
 
 def check_features(op, x):
@@ -119,13 +145,14 @@ def check_branch(op, x, suffix, *, gate, cache, prev, delta, trend, coef):
 
 
 def check_token_threshold(op, token_threshold, device):
-    """token_threshold: a Python number or a one-element float32 tensor ([] or [1])."""
+    """token_threshold: a finite Python number or a one-element float32 tensor ([] or [1])."""
     if isinstance(token_threshold, torch.Tensor):
         _check_parameter_tensor(op, "token_threshold", token_threshold, device,
                                 shapes=[(), (1,)], layout="[] or [1]")
     elif not _is_number(token_threshold):
         raise TypeError(f"{op}: token_threshold must be a Python number or a float32 tensor with "
                         f"one element, got {type(token_threshold).__name__}")
+    _require_finite(op, "token_threshold", token_threshold)
 
 
 def check_segment(op, x, *, gates, cache, generation, delta, trend, coef):
@@ -144,6 +171,7 @@ def check_segment(op, x, *, gates, cache, generation, delta, trend, coef):
     _require_device(op, "generation", generation, x.device)
     if tuple(generation.shape) != (blocks, 2):
         raise _shape_error(op, "generation", f"[S, 2] = [{blocks}, 2]", generation)
+    _check_generation_values(op, generation, cache.shape[0])
     for name, tensor in (("delta", delta), ("trend", trend)):
         if tensor is not None:
             _check_per_head(op, name, tensor, x, lead=(blocks, 2), lead_layout=("S", "2"))
@@ -153,3 +181,23 @@ def check_segment(op, x, *, gates, cache, generation, delta, trend, coef):
                             f"(alpha, beta, gamma per entry), got {type(coef).__name__}")
         _check_parameter_tensor(op, "coef", coef, x.device, shapes=[(blocks, 2, 3)],
                                 layout=f"[S, 2, 3] = [{blocks}, 2, 3]")
+        _require_finite(op, "coef", coef)
+
+
+def _check_generation_values(op, generation, num_generations):
+    """generation's values must index cache's generations: 0..G-1.
+
+    Readable values (CPU) raise ValueError; elsewhere a device-side assert checks them without a
+    host sync (on CUDA a bad value aborts the process's CUDA context, as an out-of-range index
+    does; the Triton kernel clamps the value so it never reads outside the cache either way).
+    """
+    top = num_generations - 1
+    message = f"{op}: generation values must be in 0..{top} (G = {num_generations})"
+    if generation.numel() == 0 or generation.device.type == "meta":
+        return
+    if _values_readable(generation):
+        bad = generation[(generation < 0) | (generation > top)]
+        if bad.numel():
+            raise ValueError(f"{message}, got {bad[0].item()}")
+    else:
+        torch._assert_async(((generation >= 0) & (generation <= top)).all(), message)

@@ -32,7 +32,11 @@ def cached_branch(x, gate, cache, *, prev=None, delta=None, trend=None, coef=_ZE
         delta, trend: optional [H, N, C] prior delta and prior trend embedding, H dividing B.
         coef: (alpha, beta, gamma) as 3 Python numbers or a float32 [3] tensor on x's device.
         token_threshold: a Python number or a float32 tensor with one element on x's device.
-        backend: "auto", "torch", ... (see dispatch.py); None reads $EOC_BACKEND, default "auto".
+            coef and token_threshold must be finite: NaN or ±inf raises ValueError for Python
+            numbers and CPU tensors; a CUDA tensor's values are not checked (that would sync
+            with the host), nor a CPU tensor's while torch.compile traces.
+        backend: "auto", "torch" or "triton" (see dispatch.py); None reads $EOC_BACKEND,
+            default "auto".
     All tensors share x's dtype (float32, float16 or bfloat16) and device. Returns a new
     [B, N, C] tensor of x's dtype.
     """
@@ -113,13 +117,16 @@ def cached_segment(x, gates, cache, generation, *, delta=None, trend=None, coef=
         cache: [G, S, 2, B, N, C] with G in {1, 2}, typically a view ``buffer[:, l0:l1]`` of the
             stacked two-generation cache buffer [G, L, 2, B, N, C]; may be a strided view.
         generation: int32 or int64 [S, 2] on x's device: the generation holding Cc of entry (s, k);
-            when G == 2 the other generation holds Cp. Values must be 0 or 1 (not checked: that
-            would need a host sync). When G == 1 it is not read (there is only generation 0).
+            when G == 2 the other generation holds Cp. Values must be in 0..G-1: on the CPU a bad
+            value raises ValueError; on CUDA it is checked without a host sync by a device-side
+            assert (``torch._assert_async``), which aborts the CUDA context like any out-of-range
+            index (the Triton kernel clamps the value, so it never reads outside the cache).
         delta, trend: optional [S, 2, H, N, C] prior delta and prior trend embedding per entry, H
             dividing B (row b uses entry b // (B // H)); H may differ between them.
         coef: optional float32 [S, 2, 3] on x's device, (alpha, beta, gamma) per entry; None means
             all zeros (plain reuse). With G == 1, beta is ignored: no Cp exists. A term whose
-            coefficient is zero contributes nothing and its tensor need not be read.
+            coefficient is zero contributes nothing and its tensor need not be read. Must be
+            finite (checked on the CPU only, see cached_branch).
         token_threshold: a Python number or a float32 tensor with one element on x's device.
         backend: as in cached_branch.
     All feature tensors share x's dtype (float32, float16 or bfloat16) and device. Returns a new

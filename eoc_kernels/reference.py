@@ -99,7 +99,9 @@ def cached_segment(x, gates, cache, generation, *, delta=None, trend=None, coef=
     G == 2 the other one holds Cp; when G == 1 it is not read); delta, trend: [S, 2, H, N, C];
     coef: float32 [S, 2, 3] of (α, β, γ) per entry, or None for plain reuse (then delta, trend and
     the previous generation are not read). F̂_{s,k} as in corrected_feature, with the one
-    token_threshold. Generations are picked with index_select on the device: no host sync.
+    token_threshold. Generations are picked with index_select on the device: no host sync (an
+    out-of-range generation is an index error there; the public op rejects it first, see
+    eoc_kernels.cached_segment).
     """
     num_generations, blocks = cache.shape[:2]
     out = x.float()  # [B, N, C]

@@ -2,7 +2,8 @@
 
 Eager equivalent: ``eoc_kernels.reference.cached_segment``,
 out = x + Σ_{s,k} gates[:, s, k] ⊙ F̂_{s,k}, with Cc = cache[generation[s, k], s, k] and, when
-G == 2, Cp = cache[1 - generation[s, k], s, k]. A program loads its x rows once, loops over the
+G == 2, Cp = cache[1 - generation[s, k], s, k] (generation clamped into 0..1 in the kernel, so a
+bad value never reads outside the cache). A program loads its x rows once, loops over the
 S·2 entries inside the kernel (reading each entry's cache rows, gate and prior rows once, with the
 generation and the coefficients loaded on the device), accumulates in fp32 registers and writes
 its rows once. Blocking, zero-coefficient skipping, int64 offsets and explicit strides: see
@@ -69,7 +70,9 @@ def _cached_segment_kernel(
             previous = entry
             if TWO_GENERATIONS:  # generation[s, k] holds Cc, the other one Cp
                 generation = tl.load(Generation_ptr + s64 * stride_es + k * stride_ek)
-                generation = generation.to(tl.int64)
+                # Clamped into 0..1 so that a bad value (a device-side assert on CUDA, checked
+                # before the launch) can never make this kernel read outside the cache.
+                generation = tl.minimum(tl.maximum(generation.to(tl.int64), 0), 1)
                 current = entry + generation * stride_cg
                 previous = entry + (1 - generation) * stride_cg
             fhat = _corrected_feature(

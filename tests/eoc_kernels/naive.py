@@ -142,13 +142,12 @@ def random_segment(gen, batch, tokens, channels, dtype, *, blocks=3, generations
     The cache is the view buffer[:, offset:offset + S] of a stacked [G, L, 2, B, N, C] buffer and
     the gates a strided view of a [B, L·2·C + 5] matrix, as the DiT integration builds them.
     Entry (s, k) puts its cache in generation generation[s, k] (random, mixed) and, when G == 2,
-    its prev in the other one. coef: "random" (some entries with zero coefficients), None, or a
-    fixed (alpha, beta, gamma) for every entry. With G == 1 generation holds random values too:
-    the op must not read it.
+    its prev in the other one (with G == 1 generation is all 0). coef: "random" (some entries with
+    zero coefficients), None, or a fixed (alpha, beta, gamma) for every entry.
     """
     total_blocks = blocks + 2 if total_blocks is None else total_blocks
     buffer = torch.full((generations, total_blocks, 2, batch, tokens, channels), float("nan"))
-    generation = torch.randint(0, 2, (blocks, 2), generator=gen, dtype=index_dtype)
+    generation = torch.randint(0, generations, (blocks, 2), generator=gen, dtype=index_dtype)
     if coef == "random":
         values = torch.randn(blocks, 2, 3, generator=gen)
         values[torch.rand(blocks, 2, 3, generator=gen) < 0.25] = 0.0  # some zero coefficients

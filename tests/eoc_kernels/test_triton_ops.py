@@ -311,6 +311,26 @@ def test_custom_op_refuses_devices_it_cannot_run_on(monkeypatch):
         torch.ops.eoc.cached_branch(x, x[:, 0], x, None, None, None, [0.0] * 3, None, 0.0, None)
 
 
+def test_segment_kernel_never_reads_past_the_generations():
+    """A bad generation value on CUDA triggers a device-side assert (not a host check), and the
+    kernel clamps the value into 0..1 so it never reads outside the cache: here the cache is the
+    middle two generations of a buffer whose outer ones hold NaN, which -1 and 2 would reach."""
+    gen = torch.Generator().manual_seed(33)
+    shape = (2, 5, 6)
+    x = torch.randn(shape, generator=gen)
+    segment = random_segment(gen, *shape, torch.float32, blocks=2)
+    cache = segment["cache"]
+    buffer = torch.full((4, *cache.shape[1:]), float("nan"))
+    buffer[1:3] = cache.nan_to_num()
+    bad = torch.tensor([[-1, 2], [5, -7]], dtype=torch.int32)
+    clamped = bad.clamp(0, 1)
+    for coef in (segment["coef"], None):
+        out = torch.ops.eoc.cached_segment(x, segment["gates"], buffer[1:3], bad, None, None,
+                                           coef, 0.0, None)
+        expected = reference.cached_segment(x, segment["gates"], buffer[1:3], clamped, coef=coef)
+        torch.testing.assert_close(out, expected)
+
+
 def test_empty_inputs():
     x = torch.randn(2, 0, 5)
     out = cached_segment(x, torch.randn(2, 1, 2, 5), torch.randn(2, 1, 2, 2, 0, 5),

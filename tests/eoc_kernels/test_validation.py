@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from eoc_kernels import cached_block, cached_branch, cached_segment
+from eoc_kernels import available_backends, cached_block, cached_branch, cached_segment
 
 B, N, C = 4, 3, 8
 META = torch.device("meta")  # stands in for "another device" on a CPU-only machine
+NAN, INF = float("nan"), float("inf")
 
 OPS = {  # op name -> (function, branch-argument suffixes, positional argument names)
     "cached_branch": (cached_branch, ("",), ("x", "gate", "cache")),
@@ -66,6 +67,11 @@ BRANCH_CASES = [
     ("coef-tensor-shape-1x3", "coef", lambda c: torch.tensor([c]), ValueError),
     ("coef-tensor-shape-4", "coef", lambda c: torch.tensor([*c, 0.0]), ValueError),
     ("coef-tensor-other-device", "coef", lambda c: torch.tensor(c, device=META), ValueError),
+    ("coef-nan", "coef", lambda c: (0.5, NAN, 0.0), ValueError),
+    ("coef-inf", "coef", lambda c: [INF, 0.0, 0.0], ValueError),
+    ("coef-minus-inf", "coef", lambda c: (0.0, 0.0, -INF), ValueError),
+    ("coef-tensor-nan", "coef", lambda c: torch.tensor([0.5, 0.0, NAN]), ValueError),
+    ("coef-tensor-inf", "coef", lambda c: torch.tensor([-INF, 0.0, 0.0]), ValueError),
 ]
 # (case id, argument name, bad value, expected error)
 SHARED_CASES = [
@@ -80,6 +86,11 @@ SHARED_CASES = [
     ("threshold-str", "token_threshold", "0.1", TypeError),
     ("threshold-bool", "token_threshold", True, TypeError),
     ("threshold-none", "token_threshold", None, TypeError),
+    ("threshold-nan", "token_threshold", NAN, ValueError),
+    ("threshold-inf", "token_threshold", INF, ValueError),
+    ("threshold-minus-inf", "token_threshold", -INF, ValueError),
+    ("threshold-tensor-nan", "token_threshold", torch.tensor(NAN), ValueError),
+    ("threshold-tensor-inf", "token_threshold", torch.tensor([INF]), ValueError),
 ]
 
 
@@ -148,7 +159,7 @@ def valid_segment_args(dtype=torch.float32, generations=2):
 
     return {"x": randn(B, N, C), "gates": randn(B, S, 2, C),
             "cache": randn(generations, S, 2, B, N, C),
-            "generation": torch.tensor([[0, 1], [1, 0]], dtype=torch.int32),
+            "generation": torch.tensor([[0, 1], [1, 0]], dtype=torch.int32) % generations,
             "delta": randn(S, 2, 2, N, C), "trend": randn(S, 2, B, N, C),
             "coef": torch.randn(S, 2, 3, generator=gen), "token_threshold": 0.1}
 
@@ -183,6 +194,10 @@ SEGMENT_CASES = [
     ("generation-shape", "generation", lambda t: t[:1], ValueError),
     ("generation-flat", "generation", lambda t: t.flatten(), ValueError),
     ("generation-other-device", "generation", lambda t: t.to(META), ValueError),
+    ("generation-2", "generation", lambda t: torch.tensor([[0, 1], [2, 0]], dtype=t.dtype),
+     ValueError),
+    ("generation-minus-1", "generation", lambda t: torch.tensor([[0, -1], [1, 0]]), ValueError),
+    ("generation-int32-max", "generation", lambda t: torch.full_like(t, 2**31 - 1), ValueError),
     ("delta-per-block-heads", "delta", lambda t: t[0], ValueError),
     ("delta-heads-3", "delta", lambda t: torch.zeros(S, 2, 3, N, C), ValueError),
     ("delta-blocks", "delta", lambda t: t[:1], ValueError),
@@ -194,8 +209,13 @@ SEGMENT_CASES = [
     ("coef-shape-3", "coef", lambda c: c[0, 0], ValueError),
     ("coef-blocks", "coef", lambda c: c[:1], ValueError),
     ("coef-other-device", "coef", lambda c: c.to(META), ValueError),
+    ("coef-nan", "coef", lambda c: c.index_put((torch.tensor(1),), torch.tensor(NAN)),
+     ValueError),
+    ("coef-inf", "coef", lambda c: torch.full_like(c, -INF), ValueError),
     ("threshold-2-elements", "token_threshold", lambda t: torch.tensor([0.1, 0.2]), ValueError),
     ("threshold-str", "token_threshold", lambda t: "0.1", TypeError),
+    ("threshold-nan", "token_threshold", lambda t: NAN, ValueError),
+    ("threshold-tensor-inf", "token_threshold", lambda t: torch.tensor([INF]), ValueError),
 ]
 
 
@@ -229,3 +249,51 @@ def test_segment_messages_state_expected_and_given():
         call_segment(args)
     assert str(info.value) == ("cached_segment: generation must have shape [S, 2] = [2, 2], "
                                "got [3, 2]")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("generations, bad", [(2, 2), (2, -1), (1, 1)], ids=str)
+def test_segment_generation_values_are_checked_on_cpu(generations, bad, backend):
+    """Values outside 0..G-1 would index past the cache buffer (the reference's index_select and
+    the Triton kernel both): on CPU they raise before any backend runs, naming the range."""
+    if backend not in available_backends("cpu", "cached_segment"):
+        pytest.skip("needs the triton backend on CPU (TRITON_INTERPRET=1)")
+    args = valid_segment_args(generations=generations)
+    args["generation"] = torch.zeros(S, 2, dtype=torch.int64)
+    args["generation"][1, 0] = bad
+    top = generations - 1
+    with pytest.raises(ValueError, match=rf"^cached_segment: generation values must be in "
+                                         rf"0\.\.{top} \(G = {generations}\), got {bad}"):
+        call_segment(args | {"backend": backend})
+
+
+def test_segment_generation_is_asserted_on_the_device_when_traced():
+    """Where the values cannot be read without a host sync (CUDA, or while torch.compile traces),
+    the check is a device-side assert: torch._assert_async, which raises on CPU."""
+    args = valid_segment_args() | {"generation": torch.tensor([[0, 1], [1, 5]])}
+    compiled = torch.compile(call_segment, backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(RuntimeError, match=r"cached_segment: generation values must be in "
+                                               r"0\.\.1 \(G = 2\)"):
+            compiled(args)
+        assert compiled(valid_segment_args()).shape == (B, N, C)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["coef", "token_threshold"])
+def test_segment_non_finite_tensor_parameters_pass_when_traced(name):
+    """Tensor coefficients and thresholds are checked for NaN/inf only where reading them costs
+    no host sync or graph break: not while torch.compile traces (nor on CUDA)."""
+    args = valid_segment_args() | {"token_threshold": 0.0}
+    args[name] = torch.full_like(torch.as_tensor(args[name], dtype=torch.float32), NAN)
+    compiled = torch.compile(call_segment, backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        out = compiled(args)
+    finally:
+        torch._dynamo.reset()
+    # A NaN coefficient reaches the output (threshold 0 keeps every correction); a NaN threshold
+    # keeps none (NaN fails both `score > threshold` and `threshold <= 0`).
+    assert torch.isnan(out).any() == (name == "coef")
