@@ -6,8 +6,8 @@ corrected features. The ops themselves live in ``eoc_kernels``.
 """
 
 from .adapters import BlockAdapter, DiTAdapter, DiTBlockAdapter, ModelAdapter
-from .config import EOCConfig
 from .calibration import calibrate
+from .config import EOCConfig
 from .diffusion import DDIMSampler, DDPMSampler, noise_for_seed
 from .fitting import fit_coefficients
 from .models import DiT, DiT_models, load_dit

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import InputTypeError, InputValueError
 from .models import dit_attn_branch, dit_gates, dit_mlp_branch, dit_modulation
 
 
@@ -114,7 +115,7 @@ class DiTAdapter(ModelAdapter):
 
     def blocks(self, model):
         if not hasattr(model, "blocks"):
-            raise TypeError(f"DiTAdapter expects a model with a .blocks list, got {type(model).__name__}")
+            raise InputTypeError(f"DiTAdapter expects a model with a .blocks list, got {type(model).__name__}")
         return list(model.blocks)
 
     def timestep(self, args, kwargs):
@@ -122,7 +123,7 @@ class DiTAdapter(ModelAdapter):
             return kwargs["t"]
         if len(args) >= 2:
             return args[1]
-        raise ValueError("DiT forward called without a timestep: expected forward(x, t, y)")
+        raise InputValueError("DiT forward called without a timestep: expected forward(x, t, y)")
 
     def block_inputs(self, args, kwargs):
         x = kwargs["x"] if "x" in kwargs else args[0]

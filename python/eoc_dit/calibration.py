@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .diffusion import noise_for_seed
+from .errors import InputTypeError, InputValueError
 from .patching import apply_eoc
 from .prior import Prior, PriorMetadata, delta_and_trend, model_fingerprint
 from .schedules import FORASchedule
@@ -34,27 +35,27 @@ def _batches(pairs, batch_size):
 
 def _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, holdout, batch_size):
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for attr in ("in_channels", "input_size"):
         if not hasattr(model, attr):
-            raise TypeError(f"model must expose .{attr} (the noise shape of a sample)")
+            raise InputTypeError(f"model must expose .{attr} (the noise shape of a sample)")
     if not hasattr(sampler, "sample") or not hasattr(sampler, "num_steps"):
-        raise TypeError(f"sampler must be an eoc_dit sampler (DDIMSampler, DDPMSampler), got {type(sampler).__name__}")
+        raise InputTypeError(f"sampler must be an eoc_dit sampler (DDIMSampler, DDPMSampler), got {type(sampler).__name__}")
     for name, values in (("labels", labels), ("seeds", seeds)):
         values = list(values)
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise TypeError(f"{name} must be a non-empty sequence of ints")
+            raise InputTypeError(f"{name} must be a non-empty sequence of ints")
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and not all(0 <= v < num_classes for v in labels):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {sorted(set(labels))}")
+        raise InputValueError(f"labels must lie in [0, {num_classes}), got {sorted(set(labels))}")
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 1.0:
-        raise ValueError(f"cfg_scale must be a number >= 1.0, got {cfg_scale!r}")
+        raise InputValueError(f"cfg_scale must be a number >= 1.0, got {cfg_scale!r}")
     if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 1:
-        raise ValueError(f"max_gap must be an int >= 1, got {max_gap!r}")
+        raise InputValueError(f"max_gap must be an int >= 1, got {max_gap!r}")
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout < 1.0:
-        raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+        raise InputValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise InputValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
 class MeanAccumulator:
@@ -151,7 +152,7 @@ def calibrate(model: nn.Module, sampler, labels, seeds, cfg_scale: float = 1.0, 
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
     num_holdout = round(holdout * len(pairs))
     if holdout > 0 and not 1 <= num_holdout < len(pairs):
-        raise ValueError(f"holdout={holdout} of {len(pairs)} pairs leaves an empty split: use more labels/seeds or holdout=0")
+        raise InputValueError(f"holdout={holdout} of {len(pairs)} pairs leaves an empty split: use more labels/seeds or holdout=0")
     held = [pairs[i] for i in sorted(order[:num_holdout])]
     fit = [pairs[i] for i in sorted(order[num_holdout:])]
     held = held or fit

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from .errors import InputValueError
 from .fitting import DEFAULT_GAINS, DEFAULT_TERMS
 
 SCHEDULE_HELP = "'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps)"
@@ -43,15 +44,15 @@ def _int_list(values: list[str], option: str = "value") -> list[int]:
             if match:
                 lo, hi = int(match[1]), int(match[2])
                 if hi < lo:
-                    raise ValueError(f"{option}: the range {part!r} is empty (write LO-HI with LO <= HI)")
+                    raise InputValueError(f"{option}: the range {part!r} is empty (write LO-HI with LO <= HI)")
                 out.extend(range(lo, hi + 1))
                 continue
             try:
                 out.append(int(part))
             except ValueError:
-                raise ValueError(f"{option}: {part!r} is neither an integer nor a range LO-HI") from None
+                raise InputValueError(f"{option}: {part!r} is neither an integer nor a range LO-HI") from None
     if not out:
-        raise ValueError(f"{option}: no numbers given in {' '.join(values)!r}")
+        raise InputValueError(f"{option}: no numbers given in {' '.join(values)!r}")
     return out
 
 
@@ -81,12 +82,12 @@ def _check_device(text: str) -> None:
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise ValueError(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:0)") from None
+        raise InputValueError(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:0)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {text!r}: CUDA is not available in this PyTorch build or on this machine")
+            raise InputValueError(f"--device {text!r}: CUDA is not available in this PyTorch build or on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+            raise InputValueError(f"--device {text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _load_model(args):
@@ -100,9 +101,9 @@ def _load_model(args):
     if args.checkpoint:
         return load_dit(args.checkpoint, args.model, map_location=args.device)
     if args.model is None:
-        raise ValueError("give --checkpoint PATH or --model NAME (a random-init config, for smoke tests)")
+        raise InputValueError("give --checkpoint PATH or --model NAME (a random-init config, for smoke tests)")
     if args.model not in DiT_models:
-        raise ValueError(f"--model must be one of {', '.join(DiT_models)}, got {args.model!r}")
+        raise InputValueError(f"--model must be one of {', '.join(DiT_models)}, got {args.model!r}")
     torch.manual_seed(args.init_seed)
     model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes)
     return model.to(args.device).eval()
@@ -121,18 +122,18 @@ def _parse_schedule(text: str):
         return FORASchedule(1)
     parts = text.split(":")
     if parts[0] != "fora" or len(parts) not in (2, 3):
-        raise ValueError(f"--schedule must be {SCHEDULE_HELP}; got {text!r}")
+        raise InputValueError(f"--schedule must be {SCHEDULE_HELP}; got {text!r}")
     try:
         numbers = [int(v) for v in parts[1:]]
     except ValueError:
-        raise ValueError(f"--schedule must be {SCHEDULE_HELP}; got {text!r}") from None
+        raise InputValueError(f"--schedule must be {SCHEDULE_HELP}; got {text!r}") from None
     return FORASchedule(*numbers)
 
 
 def _check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write {path}: folder {folder} does not exist or is not writable")
+        raise InputValueError(f"cannot write {path}: folder {folder} does not exist or is not writable")
 
 
 def _pairs(args):
@@ -169,15 +170,15 @@ def cmd_fit(args) -> None:
     _check_writable(args.out)
     unknown = [t for t in args.terms if t not in TERMS]
     if unknown:
-        raise ValueError(f"--terms must be among {', '.join(TERMS)}, got {unknown}")
+        raise InputValueError(f"--terms must be among {', '.join(TERMS)}, got {unknown}")
     if any(g <= 0 for g in args.gains):
-        raise ValueError(f"--gains must be > 0, got {args.gains}")
+        raise InputValueError(f"--gains must be > 0, got {args.gains}")
     schedules = [_parse_schedule(text) for text in args.schedules]
     labels, seeds = _int_list(args.labels, "--labels"), _int_list(args.seeds, "--seeds")
     tune_seeds = _int_list(args.tune_seeds, "--tune-seeds") if args.tune_seeds else None
     prior = Prior.load(args.prior)
     if prior.num_steps != args.steps:
-        raise ValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
+        raise InputValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
     model = _load_model(args)
     sampler = _make_sampler(args)
     for schedule in schedules:
@@ -193,37 +194,37 @@ def cmd_fit(args) -> None:
 
 def cmd_sample(args) -> None:
     from .config import EOCConfig
-    from .patching import apply_eoc
     from .diffusion import noise_for_seed
+    from .patching import apply_eoc
     from .prior import Prior
 
     _check_writable(args.out)
     if not args.out.endswith((".npy", ".png")):
-        raise ValueError(f"--out must end with .npy or .png, got {args.out!r}")
+        raise InputValueError(f"--out must end with .npy or .png, got {args.out!r}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise InputValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # Everything that can be checked without running the model fails here, before any progress bar.
     schedule = _parse_schedule(args.schedule)
     mode = args.mode or ("calibrated" if args.prior else "none")  # as apply_eoc: calibrated by default with a prior
     config = None if mode == "none" else EOCConfig(mode=mode, theta=args.theta)
     if config is not None and config.needs_prior and not args.prior:
-        raise ValueError(f"--mode {mode} needs --prior (a file from 'eoc calibrate'); --mode extrapolate needs none")
+        raise InputValueError(f"--mode {mode} needs --prior (a file from 'eoc calibrate'); --mode extrapolate needs none")
     pairs = _pairs(args)
     prior = Prior.load(args.prior, device="cpu") if args.prior else None
     if prior is not None:
         if prior.num_steps != args.steps:
-            raise ValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
+            raise InputValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
         if prior.uses_cfg != (args.cfg_scale > 1.0):
-            raise ValueError(f"cfg mismatch: the prior {args.prior} was calibrated with cfg_scale={prior.cfg_scale}, "
+            raise InputValueError(f"cfg mismatch: the prior {args.prior} was calibrated with cfg_scale={prior.cfg_scale}, "
                              f"--cfg-scale is {args.cfg_scale} (CFG must be on, > 1, or off, 1, in both)")
     model = _load_model(args)
     sampler = _make_sampler(args)
     num_classes = getattr(model, "num_classes", None)
     bad = sorted({label for label, _ in pairs if num_classes is not None and not 0 <= label < num_classes})
     if bad:
-        raise ValueError(f"--labels must lie in [0, {num_classes}), got {bad}")
+        raise InputValueError(f"--labels must lie in [0, {num_classes}), got {bad}")
     if args.out.endswith(".png") and getattr(model, "in_channels", 1) not in (1, 3):
-        raise ValueError(f"--out {args.out}: a PNG grid needs a 1- or 3-channel model, this one has "
+        raise InputValueError(f"--out {args.out}: a PNG grid needs a 1- or 3-channel model, this one has "
                          f"{model.in_channels} channels (write .npy instead)")
     outputs = []
     start = time.perf_counter()
@@ -269,7 +270,7 @@ def cmd_demo(args) -> None:
 
     _check_writable(args.out)
     if args.interval < 2:
-        raise ValueError(f"--interval must be >= 2 (1 computes every step), got {args.interval}")
+        raise InputValueError(f"--interval must be >= 2 (1 computes every step), got {args.interval}")
     rows, grid = run_demo(args.samples, args.interval, args.mode, args.steps, progress=True)
     print(f"\nTestbed DiT (Fashion-MNIST), DDIM-{args.steps} with CFG, {args.samples} samples, {_device_name()}:\n")
     print(format_table(rows))
@@ -285,16 +286,22 @@ def _device_name() -> str:
 
 def cmd_evaluate(args) -> None:
     from .images import image_grid, write_png
-    from .testbed.demo import PRESET_MODES, evaluate, format_table, methods_for, write_results
+    from .testbed.demo import (
+        PRESET_MODES,
+        evaluate,
+        format_table,
+        methods_for,
+        write_results,
+    )
 
     if not os.path.isdir(args.out_dir) or not os.access(args.out_dir, os.W_OK):
-        raise ValueError(f"cannot write to {args.out_dir}: not a writable folder")
+        raise InputValueError(f"cannot write to {args.out_dir}: not a writable folder")
     bad = [n for n in args.intervals if n < 2]
     if bad:
-        raise ValueError(f"--intervals must be >= 2, got {bad}")
+        raise InputValueError(f"--intervals must be >= 2, got {bad}")
     unknown = [m for m in args.modes if m not in PRESET_MODES]
     if unknown:
-        raise ValueError(f"--modes must be among {', '.join(PRESET_MODES)}, got {unknown}")
+        raise InputValueError(f"--modes must be among {', '.join(PRESET_MODES)}, got {unknown}")
     methods = methods_for(args.intervals, args.modes)
     rows, samples = evaluate(methods, args.samples, args.steps, batch_size=args.batch_size, progress=True,
                              seed_sets=args.seed_sets)

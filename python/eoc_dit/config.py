@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import eoc_kernels
 
+from .errors import InputTypeError, InputValueError
+
 MODES = ("trend", "delta", "extrapolate", "calibrated")
 PRIOR_MODES = ("trend", "delta", "calibrated")
 # θ when none is given: the values of the feasibility probe in DESIGN §2.
@@ -31,9 +33,9 @@ def _check_number(value, name: str, *, allow_none: bool = False, minimum: float 
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         expected = "a finite number or None" if allow_none else "a finite number"
-        raise TypeError(f"EOCConfig.{name} must be {expected}, got {value!r}")
+        raise InputTypeError(f"EOCConfig.{name} must be {expected}, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"EOCConfig.{name} must be >= {minimum}, got {value}")
+        raise InputValueError(f"EOCConfig.{name} must be >= {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -65,15 +67,15 @@ class EOCConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"EOCConfig.mode must be one of {MODES}, got {self.mode!r}")
+            raise InputValueError(f"EOCConfig.mode must be one of {MODES}, got {self.mode!r}")
         _check_number(self.theta, "theta", allow_none=True)
         if self.mode == "calibrated" and self.theta is not None:
-            raise ValueError("EOCConfig.theta has no meaning in mode 'calibrated' (its coefficients are fitted)")
+            raise InputValueError("EOCConfig.theta has no meaning in mode 'calibrated' (its coefficients are fitted)")
         _check_number(self.judge_threshold, "judge_threshold", minimum=0.0)
         _check_number(self.min_gain, "min_gain", allow_none=True)
         _check_number(self.token_threshold, "token_threshold")
         if self.backend not in BACKENDS:
-            raise ValueError(f"EOCConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise InputValueError(f"EOCConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @property
     def needs_prior(self) -> bool:
@@ -82,7 +84,7 @@ class EOCConfig:
     @property
     def effective_theta(self) -> float:
         if self.mode == "calibrated":
-            raise ValueError("mode 'calibrated' has no θ")
+            raise InputValueError("mode 'calibrated' has no θ")
         return DEFAULT_THETA[self.mode] if self.theta is None else float(self.theta)
 
     def coefficients(self, step: int, source: int, previous: int | None) -> tuple[float, float, float]:

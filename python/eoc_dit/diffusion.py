@@ -38,6 +38,8 @@ from tqdm.auto import tqdm
 
 from eoc_dit.step_protocol import announce_step
 
+from .errors import InputTypeError, InputValueError
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -61,7 +63,7 @@ def space_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
     this differs from ``round(i * stride)`` (for 21 steps the middle step is 499, not 500).
     """
     if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"cannot divide {num_timesteps} timesteps into {num_steps} steps")
+        raise InputValueError(f"cannot divide {num_timesteps} timesteps into {num_steps} steps")
     frac_stride = 1 if num_steps <= 1 else (num_timesteps - 1) / (num_steps - 1)
     cur_idx = 0.0
     taken_steps = []
@@ -203,11 +205,11 @@ def _null_label(model) -> int:
     try:
         num_classes = model.num_classes
     except AttributeError:
-        raise ValueError(
+        raise InputValueError(
             "model: classifier-free guidance (cfg_scale > 1) needs model.num_classes, the null label"
         ) from None
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
-        raise ValueError(f"model.num_classes must be an int, got {num_classes!r}")
+        raise InputValueError(f"model.num_classes must be an int, got {num_classes!r}")
     return int(num_classes)
 
 
@@ -230,7 +232,7 @@ def _model_eps(model, x, timestep: int, labels, cfg_scale: float, null_label: in
         or out.shape[2:] != x.shape[2:]
     ):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
+        raise InputValueError(
             f"model output must be [{x_in.shape[0]}, {channels} or {2 * channels}, {x.shape[2]}, {x.shape[3]}] "
             f"(eps, or eps and variance values), got {got}"
         )
@@ -251,37 +253,37 @@ def _model_eps(model, x, timestep: int, labels, cfg_scale: float, null_label: in
 
 def _check_num_steps(num_steps) -> int:
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-        raise TypeError(f"num_steps must be an int, got {num_steps!r}")
+        raise InputTypeError(f"num_steps must be an int, got {num_steps!r}")
     if not 1 <= num_steps <= NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"num_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {num_steps}")
+        raise InputValueError(f"num_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {num_steps}")
     return int(num_steps)
 
 
 def _check_inputs(model, noise, labels, cfg_scale, generator) -> float:
     if not callable(model):
-        raise TypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")
+        raise InputTypeError(f"model must be callable as model(x, t, y), got {type(model).__name__}")
     if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or not noise.is_floating_point():
         if isinstance(noise, torch.Tensor):
             got = f"{noise.dtype} tensor of shape {tuple(noise.shape)}"
         else:
             got = type(noise).__name__
-        raise ValueError(f"noise must be a 4-D floating tensor [B, C, H, W], got {got}")
+        raise InputValueError(f"noise must be a 4-D floating tensor [B, C, H, W], got {got}")
     if not isinstance(labels, torch.Tensor) or labels.dtype not in _INTEGER_DTYPES:
         got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be an integer tensor, got {got}")
+        raise InputValueError(f"labels must be an integer tensor, got {got}")
     if labels.shape != noise.shape[:1]:
-        raise ValueError(f"labels must have shape [{noise.shape[0]}] (one per noise sample), got {tuple(labels.shape)}")
+        raise InputValueError(f"labels must have shape [{noise.shape[0]}] (one per noise sample), got {tuple(labels.shape)}")
     if labels.device != noise.device:
-        raise ValueError(f"labels must be on the device of noise ({noise.device}), got {labels.device}")
+        raise InputValueError(f"labels must be on the device of noise ({noise.device}), got {labels.device}")
     parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
     if parameter is not None and parameter.device != noise.device:
-        raise ValueError(f"noise must be on the model's device ({parameter.device}), got {noise.device}")
+        raise InputValueError(f"noise must be on the model's device ({parameter.device}), got {noise.device}")
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+        raise InputValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
     if cfg_scale < 1.0:
-        raise ValueError(f"cfg_scale must be >= 1.0 (1.0 disables guidance), got {cfg_scale}")
+        raise InputValueError(f"cfg_scale must be >= 1.0 (1.0 disables guidance), got {cfg_scale}")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise InputTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return float(cfg_scale)
 
 
@@ -369,7 +371,7 @@ class DDPMSampler(_Sampler):
         if generator is None:
             return torch.Generator(device=noise.device).manual_seed(0)
         if generator.device.type != noise.device.type:
-            raise ValueError(f"generator is on {generator.device}, noise on {noise.device}; they must match")
+            raise InputValueError(f"generator is on {generator.device}, noise on {noise.device}; they must match")
         return generator
 
     def _step(self, x, eps, var_values, tables, index, generator):
@@ -390,9 +392,9 @@ def noise_for_seed(model, seed: int) -> torch.Tensor:
     """The documented, reproducible noise of one (label, seed) pair, [1, in_channels, input_size, input_size]:
     ``torch.randn(..., generator=torch.Generator().manual_seed(seed))`` on the CPU (move it where it is used)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        raise InputTypeError(f"seed must be an int, got {type(seed).__name__}")
     for attr in ("in_channels", "input_size"):
         if not isinstance(getattr(model, attr, None), numbers.Integral):
-            raise TypeError(f"model must expose an int .{attr} (the noise shape of a sample), got {type(model).__name__}")
+            raise InputTypeError(f"model must expose an int .{attr} (the noise shape of a sample), got {type(model).__name__}")
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn(1, model.in_channels, model.input_size, model.input_size, generator=generator)

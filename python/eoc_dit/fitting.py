@@ -36,6 +36,7 @@ from torch import nn
 from .adapters import DiTAdapter
 from .config import EOCConfig
 from .diffusion import noise_for_seed
+from .errors import InputTypeError, InputValueError
 from .patching import EOCHandle, StepContext, StepStrategy, apply_eoc
 from .prior import CoefficientFit, Prior
 from .prior_terms import DELTA, TREND
@@ -127,17 +128,17 @@ def _check_gains(gains) -> tuple[float, ...]:
     try:
         values = tuple(gains)
     except TypeError:
-        raise TypeError(f"gains must be a sequence of numbers > 0, got {gains!r}") from None
+        raise InputTypeError(f"gains must be a sequence of numbers > 0, got {gains!r}") from None
     if not values or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0
                          for g in values):
-        raise ValueError(f"gains must be a non-empty sequence of finite numbers > 0, got {gains!r}")
+        raise InputValueError(f"gains must be a non-empty sequence of finite numbers > 0, got {gains!r}")
     return tuple(float(g) for g in values)
 
 
 def _batch(model, labels, seeds, device):
     pairs = [(label, seed) for label in labels for seed in seeds]
     if not pairs:
-        raise ValueError("labels and seeds must not be empty")
+        raise InputValueError("labels and seeds must not be empty")
     noise = torch.cat([noise_for_seed(model, seed) for _, seed in pairs]).to(device)
     return noise, torch.tensor([label for label, _ in pairs], device=device)
 
@@ -173,27 +174,27 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     ``EOCConfig(mode="calibrated")`` (the default of ``apply_eoc`` when a prior is given).
     """
     if not isinstance(prior, Prior):
-        raise TypeError(f"prior must be an eoc_dit.Prior, got {type(prior).__name__}")
+        raise InputTypeError(f"prior must be an eoc_dit.Prior, got {type(prior).__name__}")
     terms = tuple(terms) if not isinstance(terms, str) else (terms,)
     unknown = [t for t in terms if t not in TERMS]
     if unknown or not terms:
-        raise ValueError(f"terms must be a non-empty subset of {TERMS}, got {terms}")
+        raise InputValueError(f"terms must be a non-empty subset of {TERMS}, got {terms}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+        raise InputValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     gains = _check_gains(gains)
     for name, value, optional in (("judge_threshold", judge_threshold, False), ("min_gain", min_gain, True)):
         if (value is None and not optional) or (value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value))):
-            raise ValueError(f"{name} must be a finite number{' or None' if optional else ''}, got {value!r}")
+            raise InputValueError(f"{name} must be a finite number{' or None' if optional else ''}, got {value!r}")
     if judge_threshold < 0:
-        raise ValueError(f"judge_threshold must be >= 0, got {judge_threshold}")
+        raise InputValueError(f"judge_threshold must be >= 0, got {judge_threshold}")
     if tune_clamp is not None:
         bounds = tuple(tune_clamp) if isinstance(tune_clamp, (tuple, list)) else ()
         if len(bounds) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bounds) \
                 or not bounds[0] < bounds[1]:
-            raise ValueError(f"tune_clamp must be (low, high) with finite low < high, got {tune_clamp!r}")
+            raise InputValueError(f"tune_clamp must be (low, high) with finite low < high, got {tune_clamp!r}")
     if sampler.num_steps != prior.num_steps:
-        raise ValueError(f"num_steps mismatch: the prior has {prior.num_steps}, the sampler runs {sampler.num_steps}")
+        raise InputValueError(f"num_steps mismatch: the prior has {prior.num_steps}, the sampler runs {sampler.num_steps}")
     cfg_scale = prior.cfg_scale if cfg_scale is None else cfg_scale
     device = next(model.parameters()).device
     noise, y = _batch(model, labels, seeds, device)

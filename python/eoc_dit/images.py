@@ -8,6 +8,8 @@ import zlib
 
 import torch
 
+from .errors import InputValueError
+
 
 def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> torch.Tensor:
     """Tile images [B, C, H, W] with values in [-1, 1] into one uint8 image [rows·(H+p)+p, cols·(W+p)+p, C].
@@ -16,14 +18,14 @@ def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 
     images fill rows left to right; the padding and any unused cells are 0.
     """
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape [B, 1 or 3, H, W], got {list(images.shape)}")
+        raise InputValueError(f"images must have shape [B, 1 or 3, H, W], got {list(images.shape)}")
     B, C, H, W = images.shape
     if B < 1 or H < 1 or W < 1:
-        raise ValueError(f"images must hold at least one non-empty image, got shape {list(images.shape)}")
+        raise InputValueError(f"images must hold at least one non-empty image, got shape {list(images.shape)}")
     if columns is not None and (isinstance(columns, bool) or not isinstance(columns, int) or columns < 1):
-        raise ValueError(f"columns must be an int >= 1 or None, got {columns!r}")
+        raise InputValueError(f"columns must be an int >= 1 or None, got {columns!r}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+        raise InputValueError(f"padding must be an int >= 0, got {padding!r}")
     columns = min(B, 10) if columns is None else columns
     rows = -(-B // columns)
     # NaN → -1 (black): casting NaN to uint8 is undefined and differs between platforms.
@@ -38,10 +40,10 @@ def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 
 def write_png(path: str | os.PathLike, image: torch.Tensor) -> None:
     """Write a uint8 image [H, W, 1 or 3] as an 8-bit grayscale or RGB PNG."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] not in (1, 3):
-        raise ValueError(f"image must be uint8 [H, W, 1 or 3], got {image.dtype} {list(image.shape)}")
+        raise InputValueError(f"image must be uint8 [H, W, 1 or 3], got {image.dtype} {list(image.shape)}")
     height, width, channels = image.shape
     if height < 1 or width < 1:
-        raise ValueError(f"a PNG needs height and width >= 1, got {list(image.shape)}")
+        raise InputValueError(f"a PNG needs height and width >= 1, got {list(image.shape)}")
     raw = b"".join(b"\x00" + bytes(row) for row in image.cpu().contiguous().view(height, width * channels).numpy())
 
     def chunk(kind: bytes, data: bytes) -> bytes:

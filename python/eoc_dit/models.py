@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import InputFileNotFoundError, InputTypeError, InputValueError
+
 __all__ = [
     "DiT",
     "DiTBlock",
@@ -167,7 +169,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+            raise InputValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
@@ -303,9 +305,9 @@ class DiT(nn.Module):
     ):
         super().__init__()
         if input_size % patch_size:
-            raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
+            raise InputValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
         if hidden_size % 4:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
+            raise InputValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -372,19 +374,19 @@ class DiT(nn.Module):
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
         # Shapes and dtypes only: checking label values would need a host sync.
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {_describe(x)}")
+            raise InputTypeError(f"x must be a floating-point tensor, got {_describe(x)}")
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+            raise InputValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
         batch = x.shape[0]
         if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"t must be a real-valued tensor of timesteps, got {_describe(t)}")
+            raise InputTypeError(f"t must be a real-valued tensor of timesteps, got {_describe(t)}")
         if tuple(t.shape) != (batch,):
-            raise ValueError(f"t must have shape [B] = [{batch}], got {list(t.shape)}")
+            raise InputValueError(f"t must have shape [B] = [{batch}], got {list(t.shape)}")
         if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"y must be an int64 or int32 tensor of class labels, got {_describe(y)}")
+            raise InputTypeError(f"y must be an int64 or int32 tensor of class labels, got {_describe(y)}")
         if tuple(y.shape) != (batch,):
-            raise ValueError(f"y must have shape [B] = [{batch}], got {list(y.shape)}")
+            raise InputValueError(f"y must have shape [B] = [{batch}], got {list(y.shape)}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``x`` [B, in_channels, H, W], ``t`` [B], ``y`` [B] → [B, out_channels, H, W]."""
@@ -412,7 +414,7 @@ class DiT(nn.Module):
         applied to all ``in_channels`` eps channels.
         """
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % 2:
-            raise ValueError(f"x must hold an even batch [cond; uncond], got {_describe(x)}")
+            raise InputValueError(f"x must hold an even batch [cond; uncond], got {_describe(x)}")
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
@@ -448,7 +450,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
 
 def _1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     if embed_dim % 2:
-        raise ValueError(f"sin-cos embedding dimension {embed_dim} must be even")
+        raise InputValueError(f"sin-cos embedding dimension {embed_dim} must be even")
     omega = np.arange(embed_dim // 2, dtype=np.float64)
     omega /= embed_dim / 2.0
     omega = 1.0 / 10000**omega  # [D/2]
@@ -510,7 +512,7 @@ def _load_checkpoint(path: str, map_location: str | torch.device) -> object:
         with context:
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
-        raise ValueError(
+        raise InputValueError(
             f"could not read {path} as a PyTorch checkpoint with weights_only=True ({type(err).__name__})"
         ) from None
 
@@ -522,16 +524,16 @@ def _extract_state_dict(checkpoint: object, path: str) -> Mapping[str, torch.Ten
                 checkpoint = checkpoint[key]
                 break
     if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path} does not hold a state dict (nor a dict with an 'ema' or 'model' state dict)")
+        raise InputValueError(f"{path} does not hold a state dict (nor a dict with an 'ema' or 'model' state dict)")
     missing = [key for key in _REQUIRED_KEYS if key not in checkpoint]
     if missing:
-        raise ValueError(f"{path} is not a DiT state dict: it lacks {', '.join(missing)}")
+        raise InputValueError(f"{path} is not a DiT state dict: it lacks {', '.join(missing)}")
     return checkpoint
 
 
 def _infer_config(state_dict: Mapping[str, torch.Tensor], path: str) -> dict:
-    def fail(reason: str) -> ValueError:
-        return ValueError(f"{path} is not a DiT state dict: {reason}")
+    def fail(reason: str) -> InputValueError:
+        return InputValueError(f"{path} is not a DiT state dict: {reason}")
 
     proj = state_dict["x_embedder.proj.weight"]
     if proj.dim() != 4 or proj.shape[2] != proj.shape[3]:
@@ -590,7 +592,7 @@ def load_dit(
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"DiT checkpoint not found: {path}")
+        raise InputFileNotFoundError(f"DiT checkpoint not found: {path}")
     checkpoint = _load_checkpoint(path, map_location)
     state_dict = _extract_state_dict(checkpoint, path)
     inferred = _infer_config(state_dict, path)
@@ -604,21 +606,21 @@ def load_dit(
         ]
         if not matches:
             found = ", ".join(f"{key}={value}" for key, value in architecture.items())
-            raise ValueError(f"{path} matches none of the DiT configs ({found})")
+            raise InputValueError(f"{path} matches none of the DiT configs ({found})")
         model_name = matches[0]
     elif model_name not in DIT_CONFIGS:
-        raise ValueError(f"unknown DiT model {model_name!r}; known: {', '.join(DIT_CONFIGS)}")
+        raise InputValueError(f"unknown DiT model {model_name!r}; known: {', '.join(DIT_CONFIGS)}")
     else:
         for key, value in architecture.items():
             if DIT_CONFIGS[model_name][key] != value:
-                raise ValueError(
+                raise InputValueError(
                     f"{model_name} has {key}={DIT_CONFIGS[model_name][key]} but the checkpoint has {key}={value}"
                 )
 
     given = dict(input_size=input_size, num_classes=num_classes, learn_sigma=learn_sigma, in_channels=in_channels)
     for key, value in given.items():
         if value is not None and value != inferred[key]:
-            raise ValueError(f"{key}={value!r} contradicts the checkpoint, which has {key}={inferred[key]!r}")
+            raise InputValueError(f"{key}={value!r} contradicts the checkpoint, which has {key}={inferred[key]!r}")
 
     # Build on the meta device (no wasted initialization), then adopt the loaded tensors.
     with torch.device("meta"):
@@ -637,6 +639,6 @@ def load_dit(
             for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
             if items
         )
-        raise ValueError(f"{path} does not match {model_name}: {details}")
+        raise InputValueError(f"{path} does not match {model_name}: {details}")
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()

@@ -24,13 +24,13 @@ weights.
 
 from __future__ import annotations
 
+import eoc_kernels
 import torch
 from torch import nn
 
-import eoc_kernels
-
 from .adapters import DiTAdapter, ModelAdapter
 from .config import EOCConfig
+from .errors import InputTypeError, InputValueError
 from .feature_cache import FeatureCache
 from .planner import Plan, make_plan
 from .prior import Prior
@@ -96,7 +96,7 @@ class StepContext:
 
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 class _StepClock:
@@ -144,23 +144,23 @@ class EOCHandle:
                  strategy: StepStrategy | None = None):
         _check_model(model)
         if getattr(model, HANDLE_ATTR, None) is not None:
-            raise ValueError("model is already patched: call remove_eoc(model) first")
+            raise InputValueError("model is already patched: call remove_eoc(model) first")
         if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be an eoc_dit schedule (FORASchedule, MaskSchedule), got {type(schedule).__name__}")
+            raise InputTypeError(f"schedule must be an eoc_dit schedule (FORASchedule, MaskSchedule), got {type(schedule).__name__}")
         if config is not None and not isinstance(config, EOCConfig):
-            raise TypeError(f"config must be an EOCConfig or None, got {type(config).__name__}")
+            raise InputTypeError(f"config must be an EOCConfig or None, got {type(config).__name__}")
         if prior is not None and not isinstance(prior, Prior):
-            raise TypeError(f"prior must be an eoc_dit.Prior or None, got {type(prior).__name__}")
+            raise InputTypeError(f"prior must be an eoc_dit.Prior or None, got {type(prior).__name__}")
         if adapter is not None and not isinstance(adapter, ModelAdapter):
-            raise TypeError(f"adapter must be an eoc_dit.ModelAdapter or None, got {type(adapter).__name__}")
+            raise InputTypeError(f"adapter must be an eoc_dit.ModelAdapter or None, got {type(adapter).__name__}")
         if observer is not None and not callable(observer):
-            raise TypeError(f"observer must be callable as observer(step, block, branch, feature), got {type(observer).__name__}")
+            raise InputTypeError(f"observer must be callable as observer(step, block, branch, feature), got {type(observer).__name__}")
         if strategy is not None and not isinstance(strategy, StepStrategy):
-            raise TypeError(f"strategy must be an eoc_dit.patching.StepStrategy or None, got {type(strategy).__name__}")
+            raise InputTypeError(f"strategy must be an eoc_dit.patching.StepStrategy or None, got {type(strategy).__name__}")
         if config is not None and config.needs_prior and prior is None:
-            raise ValueError(f"EOCConfig(mode={config.mode!r}) needs a prior: pass prior=Prior.load(...) or use mode='extrapolate'")
+            raise InputValueError(f"EOCConfig(mode={config.mode!r}) needs a prior: pass prior=Prior.load(...) or use mode='extrapolate'")
         if config is not None and prior is None and config.judge_threshold > 0:
-            raise ValueError("EOCConfig.judge_threshold > 0 needs a prior (the judgment is measured on calibration data)")
+            raise InputValueError("EOCConfig.judge_threshold > 0 needs a prior (the judgment is measured on calibration data)")
 
         self.model, self.schedule, self.prior, self.config = model, schedule, prior, config
         self.adapter = adapter if adapter is not None else DiTAdapter()
@@ -169,7 +169,7 @@ class EOCHandle:
         self.blocks = self.adapter.blocks(model)
         self.num_blocks = len(self.blocks)
         if self.num_blocks == 0:
-            raise ValueError("model has no blocks to cache")
+            raise InputValueError("model has no blocks to cache")
         if config is not None and config.backend != "auto":  # an unavailable backend fails now, not mid-run
             parameter = next(model.parameters(), None)
             eoc_kernels.resolve_backend(config.backend, parameter.device if parameter is not None else "cpu")
@@ -178,7 +178,7 @@ class EOCHandle:
         if prior is not None:
             prior.check_model(model, num_blocks=self.num_blocks)
             if self._fixed_num_steps is not None and self._fixed_num_steps != prior.num_steps:
-                raise ValueError(f"num_steps mismatch: the schedule has {self._fixed_num_steps} steps, the prior {prior.num_steps}")
+                raise InputValueError(f"num_steps mismatch: the schedule has {self._fixed_num_steps} steps, the prior {prior.num_steps}")
             self._fixed_num_steps = prior.num_steps
         self.plan: Plan | None = None
         self.cache: FeatureCache | None = None
@@ -216,7 +216,7 @@ class EOCHandle:
         if self.config is not None and self.config.mode == "calibrated":
             fit = self.prior.fit_for(mask)
             if fit is None:
-                raise ValueError(f"the prior has no coefficients fitted for {self.schedule!r} (mode 'calibrated', the "
+                raise InputValueError(f"the prior has no coefficients fitted for {self.schedule!r} (mode 'calibrated', the "
                                  "default with a prior): fit them with eoc_dit.fit_coefficients(...) and "
                                  "prior.add_fit(fit) ('eoc fit'), or pass another config, e.g. EOCConfig(mode='extrapolate')")
         two_generations = self.strategy is not None and self.strategy.two_generations
@@ -240,7 +240,7 @@ class EOCHandle:
         if num_steps is not None:
             self._replan(self.schedule.mask(num_steps, self.num_blocks))
         elif not self.schedule.prefix_stable:
-            raise ValueError(f"{self.schedule!r} has a mask that depends on the step count, and the sampler did not "
+            raise InputValueError(f"{self.schedule!r} has a mask that depends on the step count, and the sampler did not "
                              "announce it: use an eoc_dit sampler, a prior or a MaskSchedule")
         elif self.plan is None:
             self._replan(self.schedule.mask(_OPEN_PLAN_STEPS, self.num_blocks))
@@ -304,7 +304,7 @@ class EOCHandle:
             self._plan_for_run(run[0] if run is not None else None)
             self.cache.reset()
         if self._fixed_num_steps is not None and step >= self._fixed_num_steps:
-            raise ValueError(f"num_steps mismatch: the {'prior' if self.prior is not None else 'schedule'} has "
+            raise InputValueError(f"num_steps mismatch: the {'prior' if self.prior is not None else 'schedule'} has "
                              f"{self._fixed_num_steps} steps, the run is at step {step + 1}")
         if step >= self.plan.num_steps:
             self._extend_open_plan(step)
@@ -313,9 +313,9 @@ class EOCHandle:
     def _check_run(self, num_steps: int, cfg: bool) -> None:
         if self._fixed_num_steps is not None and num_steps != self._fixed_num_steps:
             owner = "prior" if self.prior is not None else "schedule"
-            raise ValueError(f"num_steps mismatch: the {owner} has {self._fixed_num_steps}, the sampler runs {num_steps}")
+            raise InputValueError(f"num_steps mismatch: the {owner} has {self._fixed_num_steps}, the sampler runs {num_steps}")
         if self.prior is not None and cfg != self.prior.uses_cfg:
-            raise ValueError(f"cfg mismatch: the prior was calibrated with cfg_scale={self.prior.cfg_scale} "
+            raise InputValueError(f"cfg mismatch: the prior was calibrated with cfg_scale={self.prior.cfg_scale} "
                              f"(CFG {'on' if self.prior.uses_cfg else 'off'}), the sampler runs with CFG {'on' if cfg else 'off'}")
 
     # ----------------------------------------------------------------------------- op arguments

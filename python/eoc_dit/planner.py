@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import EOCConfig
+from .errors import InputValueError
 from .prior import CoefficientFit, Prior
 
 ZERO_COEF = (0.0, 0.0, 0.0)
@@ -160,18 +161,18 @@ def make_plan(mask: torch.Tensor, config: EOCConfig | None = None, prior: Prior 
     prior's statistics do not cover.
     """
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[2] != 2:
-        raise ValueError(f"mask must be a bool tensor [T, L, 2], got {mask!r:.80}")
+        raise InputValueError(f"mask must be a bool tensor [T, L, 2], got {mask!r:.80}")
     if not bool(mask[0].all()):
-        raise ValueError("mask[0] must be all True: step 0 has no earlier output to reuse")
+        raise InputValueError("mask[0] must be all True: step 0 has no earlier output to reuse")
     mask = mask.cpu()
     calibrated = config is not None and config.mode == "calibrated"
     if calibrated:
         if fit is None:
-            raise ValueError("mode 'calibrated' needs coefficients fitted for this schedule (a CoefficientFit)")
+            raise InputValueError("mode 'calibrated' needs coefficients fitted for this schedule (a CoefficientFit)")
         if not torch.equal(fit.mask, mask):
-            raise ValueError("the fit was made for another schedule mask")
+            raise InputValueError("the fit was made for another schedule mask")
     if config is not None and config.needs_prior and prior is None:
-        raise ValueError(f"EOCConfig(mode={config.mode!r}) needs a prior")
+        raise InputValueError(f"EOCConfig(mode={config.mode!r}) needs a prior")
     judged = (prior is not None and config is not None and not calibrated
               and (config.judge_threshold > 0 or config.min_gain is not None))
     fit_coef = fit.coef.tolist() if calibrated else None
@@ -193,9 +194,9 @@ def make_plan(mask: torch.Tensor, config: EOCConfig | None = None, prior: Prior 
                     if judged and any(coef):
                         coef = judge(prior, config, t, source, previous, l, k, coef)
                 if any(not math.isfinite(c) for c in coef):
-                    raise ValueError(f"entry (step {t}, block {l}, branch {k}) has non-finite coefficients {coef}")
+                    raise InputValueError(f"entry (step {t}, block {l}, branch {k}) has non-finite coefficients {coef}")
                 if previous is None and coef[1] != 0.0:  # Cp would be read from a slot never written
-                    raise ValueError(f"entry (step {t}, block {l}, branch {k}) has beta = {coef[1]} but no compute "
+                    raise InputValueError(f"entry (step {t}, block {l}, branch {k}) has beta = {coef[1]} but no compute "
                                      "step before its source: there is no Cp to extrapolate from")
                 entries[(t, l, k)] = (source, previous, len(done), coef)
     reads_previous = two_generations or any(coef[1] != 0.0 for *_, coef in entries.values())

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import InputFileNotFoundError, InputValueError
+
 FORMAT_VERSION = 1
 STAT_NAMES = ("energy", "err_plain", "cross_delta", "sq_delta", "cross_trend", "sq_trend", "cross_extrap")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -67,21 +69,21 @@ class PriorMetadata:
     @classmethod
     def from_dict(cls, data: dict, source: str) -> PriorMetadata:
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: prior metadata must be a JSON object, got {type(data).__name__}")
+            raise InputValueError(f"{source}: prior metadata must be a JSON object, got {type(data).__name__}")
         missing = [f for f in cls.__dataclass_fields__ if f not in data]
         if missing:
-            raise ValueError(f"{source}: prior metadata lacks {', '.join(missing)}")
+            raise InputValueError(f"{source}: prior metadata lacks {', '.join(missing)}")
         if data["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"{source}: prior format_version {data['format_version']} is not supported (expected {FORMAT_VERSION})")
+            raise InputValueError(f"{source}: prior format_version {data['format_version']} is not supported (expected {FORMAT_VERSION})")
         for name in cls._INT_FIELDS:
             if not isinstance(data[name], int) or isinstance(data[name], bool):
-                raise ValueError(f"{source}: prior metadata field {name} must be an int, got {data[name]!r}")
+                raise InputValueError(f"{source}: prior metadata field {name} must be an int, got {data[name]!r}")
         for name in cls._FLOAT_FIELDS:
             if not isinstance(data[name], (int, float)) or isinstance(data[name], bool):
-                raise ValueError(f"{source}: prior metadata field {name} must be a number, got {data[name]!r}")
+                raise InputValueError(f"{source}: prior metadata field {name} must be a number, got {data[name]!r}")
         for name in cls._STR_FIELDS:
             if not isinstance(data[name], str):
-                raise ValueError(f"{source}: prior metadata field {name} must be a string, got {data[name]!r}")
+                raise InputValueError(f"{source}: prior metadata field {name} must be a string, got {data[name]!r}")
         return cls(**{f: data[f] for f in cls.__dataclass_fields__})
 
 
@@ -111,7 +113,7 @@ class Prior:
         """Keep ``fit``, replacing an earlier fit for the same schedule mask."""
         T, L = self.num_steps, self.num_blocks
         if tuple(fit.mask.shape) != (T, L, 2) or tuple(fit.coef.shape) != (T, L, 2, 3):
-            raise ValueError(f"fit shapes mask {list(fit.mask.shape)} / coef {list(fit.coef.shape)} do not match "
+            raise InputValueError(f"fit shapes mask {list(fit.mask.shape)} / coef {list(fit.coef.shape)} do not match "
                              f"the prior's T = {T}, L = {L}")
         self.fits = [f for f in self.fits if not torch.equal(f.mask, fit.mask)] + [fit]
 
@@ -137,10 +139,10 @@ class Prior:
         tensors = {"mean": self.mean, **self.stats}
         for name in ("mean",) + STAT_NAMES:
             if name not in tensors:
-                raise ValueError(f"{source}: prior lacks the tensor {name!r}")
+                raise InputValueError(f"{source}: prior lacks the tensor {name!r}")
             shape = expected.get(name, (T, L, 2, G))
             if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"{source}: prior tensor {name!r} has shape {list(tensors[name].shape)}, "
+                raise InputValueError(f"{source}: prior tensor {name!r} has shape {list(tensors[name].shape)}, "
                                  f"the metadata says {list(shape)}")
 
     # ------------------------------------------------------------------ compatibility
@@ -154,7 +156,7 @@ class Prior:
                   ("model_fingerprint", self.model_fingerprint, model_fingerprint(model))]
         for field, ours, theirs in checks:
             if theirs is not None and ours != theirs:
-                raise ValueError(f"prior/model mismatch in {field}: the prior has {ours}, the model has {theirs}")
+                raise InputValueError(f"prior/model mismatch in {field}: the prior has {ours}, the model has {theirs}")
 
     # ------------------------------------------------------------------ correction terms and judgment
     def delta_and_trend(self, step: int, source: int, block: int, branch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +168,7 @@ class Prior:
     def _stat(self, name: str, step: int, block: int, branch: int, *gaps: int) -> float:
         for gap in gaps:
             if not 1 <= gap <= self.max_gap:
-                raise ValueError(f"max_gap mismatch: the schedule needs a gap of {gap} steps, "
+                raise InputValueError(f"max_gap mismatch: the schedule needs a gap of {gap} steps, "
                                  f"the prior was calibrated with max_gap={self.max_gap}")
         index = (step, block, branch) + tuple(g - 1 for g in gaps)
         return float(self.stats[name][index])
@@ -183,7 +185,7 @@ class Prior:
         """E||F[t] − F̂||² for a correction with one non-zero coefficient (every preset has one)."""
         alpha, beta, gamma = coef
         if sum(c != 0.0 for c in coef) != 1:
-            raise ValueError(f"corrected_error takes exactly one non-zero coefficient, got {coef}")
+            raise InputValueError(f"corrected_error takes exactly one non-zero coefficient, got {coef}")
         gap = step - source
         plain = self.plain_error(step, source, block, branch)
         if alpha:
@@ -192,7 +194,7 @@ class Prior:
             cross, square, c = self._stat("cross_trend", step, block, branch, gap), self._stat("sq_trend", step, block, branch, gap), gamma
         else:
             if previous is None:
-                raise ValueError("an extrapolating correction needs a previous compute step")
+                raise InputValueError("an extrapolating correction needs a previous compute step")
             cross = self._stat("cross_extrap", step, block, branch, gap, source - previous)
             square, c = self._stat("err_plain", source, block, branch, source - previous), beta
         return plain - 2.0 * c * cross + c * c * square
@@ -204,7 +206,7 @@ class Prior:
 
         names = {v: k for k, v in STORAGE_DTYPES.items()}
         if dtype not in names:
-            raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype}")
+            raise InputValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype}")
         tensors = {"mean": self.mean.to(dtype).contiguous()}
         tensors.update({k: v.float().contiguous() for k, v in self.stats.items()})
         for i, fit in enumerate(self.fits):
@@ -221,23 +223,23 @@ class Prior:
 
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"prior file not found: {path}")
+            raise InputFileNotFoundError(f"prior file not found: {path}")
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 raw_meta = (f.metadata() or {}).get(_META_KEY)
                 raw_fits = (f.metadata() or {}).get(_FITS_KEY, "[]")
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
-            raise ValueError(f"{path}: not a readable prior file ({type(exc).__name__}: {exc})") from None
+            raise InputValueError(f"{path}: not a readable prior file ({type(exc).__name__}: {exc})") from None
         if raw_meta is None:
-            raise ValueError(f"{path}: safetensors file has no EOC prior metadata")
+            raise InputValueError(f"{path}: safetensors file has no EOC prior metadata")
         try:
             meta = PriorMetadata.from_dict(json.loads(raw_meta), path)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: prior metadata is not valid JSON ({exc})") from None
+            raise InputValueError(f"{path}: prior metadata is not valid JSON ({exc})") from None
         mean = tensors.pop("mean", None)
         if mean is None:
-            raise ValueError(f"{path}: prior lacks the tensor 'mean'")
+            raise InputValueError(f"{path}: prior lacks the tensor 'mean'")
         fits = _load_fits(tensors, raw_fits, path)
         prior = cls.__new__(cls)
         prior.mean, prior.stats, prior.metadata, prior.fits = mean, tensors, meta, []
@@ -246,7 +248,7 @@ class Prior:
             try:
                 prior.add_fit(fit)
             except ValueError as exc:
-                raise ValueError(f"{path}: {exc}") from None
+                raise InputValueError(f"{path}: {exc}") from None
         return prior
 
 
@@ -268,18 +270,18 @@ def _load_fits(tensors: dict, raw_fits: str, path: str) -> list[CoefficientFit]:
     try:
         infos = json.loads(raw_fits)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: fitted-coefficient metadata is not valid JSON ({exc})") from None
+        raise InputValueError(f"{path}: fitted-coefficient metadata is not valid JSON ({exc})") from None
     if not isinstance(infos, list):
-        raise ValueError(f"{path}: fitted-coefficient metadata must be a JSON list")
+        raise InputValueError(f"{path}: fitted-coefficient metadata must be a JSON list")
     fits = []
     for i, info in enumerate(infos):
         mask, coef = tensors.pop(f"{_FIT_PREFIX}{i}.mask", None), tensors.pop(f"{_FIT_PREFIX}{i}.coef", None)
         if mask is None or coef is None:
-            raise ValueError(f"{path}: fitted coefficients {i} lack their mask or coef tensor")
+            raise InputValueError(f"{path}: fitted coefficients {i} lack their mask or coef tensor")
         fits.append(CoefficientFit(mask.bool().cpu(), coef.float().cpu(), info))
     stray = [name for name in tensors if name.startswith(_FIT_PREFIX)]
     if stray:
-        raise ValueError(f"{path}: tensors {stray} belong to no fitted coefficients")
+        raise InputValueError(f"{path}: tensors {stray} belong to no fitted coefficients")
     return fits
 
 

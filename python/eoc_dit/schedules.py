@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputTypeError, InputValueError
+
 ATTN, MLP = 0, 1
 BRANCHES = ("attn", "mlp")
 
 
 def _check_positive_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InputValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -81,13 +83,13 @@ class MaskSchedule(Schedule):
 
     def __init__(self, mask: torch.Tensor):
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+            raise InputTypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = compute), got dtype {mask.dtype}")
+            raise InputTypeError(f"mask must be a bool tensor (True = compute), got dtype {mask.dtype}")
         if mask.dim() != 3 or mask.shape[2] != 2 or mask.shape[0] < 1 or mask.shape[1] < 1:
-            raise ValueError(f"mask must have shape [T, L, 2] with T, L >= 1, got {list(mask.shape)}")
+            raise InputValueError(f"mask must have shape [T, L, 2] with T, L >= 1, got {list(mask.shape)}")
         if not bool(mask[0].all()):
-            raise ValueError("mask[0] must be all True: step 0 has no earlier output to reuse")
+            raise InputValueError("mask[0] must be all True: step 0 has no earlier output to reuse")
         self._mask = mask.detach().to("cpu").clone()
 
     @property
@@ -97,9 +99,9 @@ class MaskSchedule(Schedule):
     def mask(self, num_steps: int, num_blocks: int) -> torch.Tensor:
         T, L, _ = self._mask.shape
         if num_steps != T:
-            raise ValueError(f"step count mismatch: the mask schedule has T = {T} steps, the run has {num_steps}")
+            raise InputValueError(f"step count mismatch: the mask schedule has T = {T} steps, the run has {num_steps}")
         if num_blocks != L:
-            raise ValueError(f"block count mismatch: the mask schedule has L = {L} blocks, the model has {num_blocks}")
+            raise InputValueError(f"block count mismatch: the mask schedule has L = {L} blocks, the model has {num_blocks}")
         return self._mask.clone()
 
     @property
@@ -117,7 +119,7 @@ def source_steps(mask: torch.Tensor, step: int, block: int, branch: int) -> tupl
     column = mask[:step, block, branch].tolist()
     computed = [i for i, c in enumerate(column) if c]
     if not computed:
-        raise ValueError(f"entry (step {step}, block {block}, {BRANCHES[branch]}) reuses but nothing was computed before it")
+        raise InputValueError(f"entry (step {step}, block {block}, {BRANCHES[branch]}) reuses but nothing was computed before it")
     s = computed[-1]
     p = computed[-2] if len(computed) > 1 else None
     return s, p

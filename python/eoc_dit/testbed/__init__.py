@@ -18,8 +18,15 @@ import os
 
 import torch
 
-from .classifier import (CLASSIFIER_NAME, FEATURE_STATS_NAME, FashionCNN, batched, feature_statistics,
-                         frechet_distance)
+from ..errors import InputFileNotFoundError, InputTypeError, InputValueError
+from .classifier import (
+    CLASSIFIER_NAME,
+    FEATURE_STATS_NAME,
+    FashionCNN,
+    batched,
+    feature_statistics,
+    frechet_distance,
+)
 from .train import CARD_NAME, CHECKPOINT_NAME, TrainConfig
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -35,7 +42,7 @@ def prior_name(num_steps: int) -> str:
 def _asset(name: str) -> str:
     path = os.path.join(ASSETS, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"shipped testbed file missing: {path} (reinstall the package, or recreate it "
+        raise InputFileNotFoundError(f"shipped testbed file missing: {path} (reinstall the package, or recreate it "
                                 f"with 'eoc train-testbed' / 'eoc train-classifier')")
     return path
 
@@ -44,7 +51,7 @@ def _load_state(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupted or truncated file: one clear line, not an unpickling trace
-        raise ValueError(f"shipped testbed file unreadable: {path} ({type(exc).__name__})") from None
+        raise InputValueError(f"shipped testbed file unreadable: {path} ({type(exc).__name__})") from None
 
 
 def model_card() -> dict:
@@ -61,7 +68,7 @@ def load_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.fl
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except (RuntimeError, AttributeError) as exc:
-        raise ValueError(f"shipped testbed checkpoint does not match its model card: {str(exc).splitlines()[0]}") from None
+        raise InputValueError(f"shipped testbed checkpoint does not match its model card: {str(exc).splitlines()[0]}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -75,7 +82,7 @@ def load_prior(num_steps: int = 20):
         shipped = sorted(name for name in os.listdir(ASSETS) if name.startswith("testbed_prior_ddim"))
         if not shipped:
             _asset(prior_name(num_steps))  # raises FileNotFoundError naming the missing file
-        raise ValueError(f"no shipped testbed prior for {num_steps} steps; shipped: {', '.join(shipped)}")
+        raise InputValueError(f"no shipped testbed prior for {num_steps} steps; shipped: {', '.join(shipped)}")
     return Prior.load(path)
 
 
@@ -85,17 +92,17 @@ def _classifier() -> FashionCNN:
     try:
         model.load_state_dict(_load_state(_asset(CLASSIFIER_NAME)))
     except (RuntimeError, AttributeError) as exc:
-        raise ValueError(f"shipped classifier weights do not match FashionCNN: {str(exc).splitlines()[0]}") from None
+        raise InputValueError(f"shipped classifier weights do not match FashionCNN: {str(exc).splitlines()[0]}") from None
     return model.eval()
 
 
 def _check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor [B, 1, 28, 28], got {type(images).__name__}")
+        raise InputTypeError(f"{name} must be a floating tensor [B, 1, 28, 28], got {type(images).__name__}")
     if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28) or images.shape[0] == 0:
-        raise ValueError(f"{name} must have shape [B, 1, 28, 28] with B >= 1, got {list(images.shape)}")
+        raise InputValueError(f"{name} must have shape [B, 1, 28, 28] with B >= 1, got {list(images.shape)}")
     if not bool(torch.isfinite(images).all()):  # a diverged sampler: say so instead of failing in a metric
-        raise ValueError(f"{name} contains NaN or inf values")
+        raise InputValueError(f"{name} contains NaN or inf values")
     return images.detach().float().cpu().clamp(-1.0, 1.0)
 
 
@@ -121,7 +128,7 @@ def classifier_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of images the classifier assigns to their conditioning label."""
     images = _check_images(images)
     if not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1]:
-        raise ValueError(f"labels must be a tensor of shape [{images.shape[0]}], got {getattr(labels, 'shape', labels)}")
+        raise InputValueError(f"labels must be a tensor of shape [{images.shape[0]}], got {getattr(labels, 'shape', labels)}")
     predictions = batched(_classifier(), images).argmax(1)
     return float((predictions == labels.cpu()).float().mean())
 
@@ -131,7 +138,7 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     images count as 100 dB so that one exact match cannot make the mean infinite."""
     a, b = _check_images(images), _check_images(reference, "reference")
     if a.shape != b.shape:
-        raise ValueError(f"images {list(a.shape)} and reference {list(b.shape)} must have the same shape")
+        raise InputValueError(f"images {list(a.shape)} and reference {list(b.shape)} must have the same shape")
     mse = (a - b).double().pow(2).flatten(1).mean(1)
     values = torch.where(mse > 0, 10 * torch.log10(4.0 / mse.clamp(min=1e-30)), torch.full_like(mse, 100.0))
     return float(values.clamp(max=100.0).mean())

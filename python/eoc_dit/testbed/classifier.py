@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputValueError
 from .data import load_fashion_mnist
 
 CLASSIFIER_NAME = "classifier.pt"
@@ -64,7 +65,7 @@ def train_classifier(out_dir: str, *, epochs: int = 3, batch_size: int = 128, lr
     from tqdm.auto import tqdm
 
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise ValueError(f"cannot write to {out_dir}: not a writable folder")
+        raise InputValueError(f"cannot write to {out_dir}: not a writable folder")
     (train_x, train_y), (test_x, test_y) = data if data is not None else (load_fashion_mnist("train"),
                                                                           load_fashion_mnist("test"))
     torch.manual_seed(seed)

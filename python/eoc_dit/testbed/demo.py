@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..errors import InputValueError
+
 EVAL_SEED_BASE = 100_000
 EVAL_SEED_BASE_2 = 200_000  # the second evaluation seed set of `eoc evaluate`
 PRESET_MODES = ("trend", "delta", "extrapolate", "calibrated")
@@ -77,11 +79,11 @@ def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch
     from ..schedules import FORASchedule
 
     if num_samples < 2:
-        raise ValueError(f"--samples must be >= 2 (a Fréchet distance needs a covariance), got {num_samples}")
+        raise InputValueError(f"--samples must be >= 2 (a Fréchet distance needs a covariance), got {num_samples}")
     if not methods or methods[0].interval is not None:
-        raise ValueError("the first method must be the uncached reference")
+        raise InputValueError("the first method must be the uncached reference")
     if seed_sets not in (1, 2) or num_samples < 2 * seed_sets:
-        raise ValueError(f"--seed-sets must be 1 or 2 with >= 2 samples per set, got {seed_sets} sets of {num_samples} samples")
+        raise InputValueError(f"--seed-sets must be 1 or 2 with >= 2 samples per set, got {seed_sets} sets of {num_samples} samples")
     model = testbed.load_model()
     prior = testbed.load_prior(num_steps)
     sampler = DDIMSampler(num_steps)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import NUM_TRAIN_TIMESTEPS, linear_beta_schedule
+from ..errors import InputValueError
 from ..models import DiT
 from .data import load_fashion_mnist
 
@@ -76,7 +77,7 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
     from tqdm.auto import tqdm
 
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise ValueError(f"cannot write to {out_dir}: not a writable folder")
+        raise InputValueError(f"cannot write to {out_dir}: not a writable folder")
     if images is None:
         images, labels = load_fashion_mnist("train")
     torch.manual_seed(config.seed)
