@@ -20,9 +20,9 @@ from . import reference
 
 AUTO = "auto"
 ENV_VAR = "EOC_BACKEND"
-#: Every concrete backend name, fastest first. "triton", "cuda" and "cpp" are reserved for the
-#: compiled backends; they are unavailable until a module registers them.
-BACKENDS = ("triton", "cuda", "cpp", "torch")
+#: Every concrete backend name, fastest first: only backends that exist ("triton" is registered by
+#: eoc_kernels.triton when triton is installed). A new backend adds its name here with its code.
+BACKENDS = ("triton", "torch")
 
 
 class _Impl(NamedTuple):

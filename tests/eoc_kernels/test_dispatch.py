@@ -16,9 +16,11 @@ def no_env_backend(monkeypatch):
 
 @pytest.fixture
 def registry(monkeypatch):
-    """A private copy of the backend registry, so a test may register backends freely."""
+    """A private copy of the backend registry, so a test may register backends freely, and a
+    backend name "cpp" between "triton" and "torch" for them (as a compiled backend would add)."""
     monkeypatch.setattr(dispatch, "_REGISTRY",
                         {op: dict(impls) for op, impls in dispatch._REGISTRY.items()})
+    monkeypatch.setattr(dispatch, "BACKENDS", ("triton", "cpp", "torch"))
     return dispatch._REGISTRY
 
 
@@ -75,8 +77,14 @@ def test_env_var_is_read(monkeypatch, value, expected):
     assert resolve_backend(None, CPU) == expected
 
 
+def test_backend_names_are_the_implemented_ones():
+    # No reserved names without an implementation behind them: a compiled backend adds its name
+    # together with its implementation.
+    assert dispatch.BACKENDS == ("triton", "torch")
+
+
 def test_unknown_backend_lists_valid_names(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*auto, triton, cuda, cpp, torch"):
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*: auto, triton, torch$"):
         resolve_backend("tpu", CPU)
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         cached_branch(*branch_inputs(), backend="tpu")
@@ -86,16 +94,27 @@ def test_unknown_backend_lists_valid_names(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["cuda", "cpp"])
-def test_reserved_backend_is_unavailable(monkeypatch, name):
-    pattern = (rf"backend '{name}' .*not available for device cpu; available: "
-               rf"{', '.join(CPU_BACKENDS)}")
-    with pytest.raises(ValueError, match=pattern):
+def test_unimplemented_backend_names_are_unknown(monkeypatch, name):
+    with pytest.raises(ValueError, match=rf"unknown backend '{name}'"):
         resolve_backend(name, CPU)
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(ValueError, match=rf"unknown backend '{name}'"):
         cached_branch(*branch_inputs(), backend=name)
     monkeypatch.setenv("EOC_BACKEND", name)
-    with pytest.raises(ValueError, match=r"\(from EOC_BACKEND\) is not available"):
+    with pytest.raises(ValueError, match=rf"unknown backend '{name}' \(from EOC_BACKEND\)"):
         cached_branch(*branch_inputs())
+    with pytest.raises(ValueError, match="cannot register backend"):
+        dispatch.register_backend("cached_branch", name, lambda *a, **k: None, lambda d: True)
+
+
+def test_backend_not_available_on_device(registry):
+    dispatch.register_backend("cached_branch", "cpp", lambda *a, **k: None,
+                              lambda device: device.type == "cuda")
+    pattern = (rf"backend 'cpp' .*not available for device cpu; available: "
+               rf"{', '.join(CPU_BACKENDS)}")
+    with pytest.raises(ValueError, match=pattern):
+        resolve_backend("cpp", CPU, "cached_branch")
+    with pytest.raises(ValueError, match=pattern):
+        cached_branch(*branch_inputs(), backend="cpp")
 
 
 def test_backend_argument_overrides_env(monkeypatch):
