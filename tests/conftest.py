@@ -1,17 +1,20 @@
 """Test setup shared by tests/eoc_kernels and tests/eoc_dit.
 
 TRITON_INTERPRET must be set before anything imports triton: Triton reads it when ``@triton.jit``
-decorates a kernel (at import of the kernel module), and on machines without a GPU the Triton
-kernels are tested on CPU under the interpreter (DESIGN §3). setdefault keeps an explicit
-TRITON_INTERPRET=0 for GPU runs.
+decorates a kernel (at import of the kernel module). On a machine without a CUDA device the Triton
+kernels are tested on CPU under the interpreter (DESIGN §3), so it is set to 1 there; with CUDA it
+is left off, so a plain ``pytest`` runs the compiled kernels (tests that run Triton on CPU tensors
+then skip). An explicit TRITON_INTERPRET in the environment always wins.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # before triton: torch.cuda.is_available() does not import it
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 # Allowed |actual - expected| <= atol + rtol * |expected| of an op's output against an fp64
 # reference computed from the same (low-precision) inputs. fp32: accumulated fp32 rounding.

@@ -1,6 +1,7 @@
 """The "triton" backend (Triton kernels behind eoc:: custom ops) against naive fp64 and the reference.
 
-On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), where the launcher picks
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA; with
+CUDA this file skips and test_triton_gpu.py runs the compiled kernels), where the launcher picks
 large tiles (several token rows per program) to keep the interpreter fast; the ``gpu_blocking``
 cases rerun kernels with the GPU block sizes and with one row per program, so the masking of both
 layouts is exercised. Outputs are poisoned with NaN before every kernel call (``poisoned_outputs``)
@@ -19,10 +20,10 @@ from .naive import (ALL_TERMS, DTYPES, assert_matches_naive, check_random_case, 
                     splitting_threshold)
 from .test_segment import TERM_CASES, check_segment_case
 
-triton_backend = getattr(eoc_kernels, "triton", None)
-pytestmark = pytest.mark.skipif(
-    triton_backend is None or not triton_backend.is_available(torch.device("cpu")),
-    reason="needs triton, and TRITON_INTERPRET=1 on a machine without a GPU")
+from .triton_setup import NEEDS_INTERPRETER, triton_backend
+from .triton_setup import poisoned_outputs as poisoned_output_buffers
+
+pytestmark = NEEDS_INTERPRETER
 
 TRITON = dict(backend="triton")
 SHAPES = [(1, 49, 123), (3, 49, 123), (2, 256, 123), (4, 7, 1152)]
@@ -34,17 +35,10 @@ OP_COEF_FORMS = [("branch", "float"), ("branch", "tensor"), ("block", "float"),
 
 
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
+def poisoned_outputs():
     """Every output buffer the custom ops allocate starts as NaN; yields the list of them."""
-    buffers = []
-
-    def poisoned(x):
-        out = torch.full_like(x, float("nan"))
-        buffers.append(out)
-        return out
-
-    monkeypatch.setattr(triton_backend._common, "new_output", poisoned)
-    yield buffers
+    with poisoned_output_buffers() as buffers:
+        yield buffers
 
 
 @pytest.fixture(params=["interpreter-tile", "gpu-tile", "one-row"])
