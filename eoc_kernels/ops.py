@@ -1,6 +1,7 @@
 """Public EOC ops (DESIGN §3): check the inputs, pick a backend (``dispatch.py``), run it.
 
-Every backend computes exactly what ``reference.py`` computes, up to fp32 rounding order.
+Every backend computes exactly what ``reference.py`` computes, up to fp32 rounding order, and is
+differentiable with the reference's gradients (the triton backend's backward recomputes it).
 """
 
 from . import _validation

@@ -5,7 +5,9 @@ file each: kernel, launcher, custom op with its fake, backend entry) so that
 ``torch.compile(fullgraph=True)`` traces through it; ``_common`` holds the shared device function
 and the blocking strategy. Importing this package registers the backend with ``dispatch``: it runs
 on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (tests), where ``auto``
-still prefers the eager reference (the interpreter is never the fastest path).
+still prefers the eager reference (the interpreter is never the fastest path). The kernels are
+forward-only; each op's backward recomputes the eager reference, so gradients are the "torch"
+backend's.
 """
 
 from .. import dispatch

@@ -12,9 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from . import _common
 from ._common import (_corrected_feature, _row_offsets, branch_launch_args, check_runnable,
-                      pick_blocks, split_coef, split_threshold)
+                      coef_of, pick_blocks, register_reference_autograd, split_coef,
+                      split_threshold, threshold_of)
 
 
 @triton.jit
@@ -148,6 +150,20 @@ def _cached_block_fake(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn,
                        delta_attn, delta_mlp, trend_attn, trend_mlp, coef_values,
                        coef_tensor_attn, coef_tensor_mlp, threshold_value, threshold_tensor):
     return torch.empty_like(x)
+
+
+def _cached_block_reference(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp,
+                            delta_attn, delta_mlp, trend_attn, trend_mlp, coef_values,
+                            coef_tensor_attn, coef_tensor_mlp, threshold_value, threshold_tensor):
+    return reference.cached_block(
+        x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn=prev_attn, prev_mlp=prev_mlp,
+        delta_attn=delta_attn, delta_mlp=delta_mlp, trend_attn=trend_attn, trend_mlp=trend_mlp,
+        coef_attn=coef_of(coef_values[:3], coef_tensor_attn),
+        coef_mlp=coef_of(coef_values[3:], coef_tensor_mlp),
+        token_threshold=threshold_of(threshold_value, threshold_tensor))
+
+
+register_reference_autograd(cached_block_op, _cached_block_reference)
 
 
 def cached_block(x, gate_attn, gate_mlp, cache_attn, cache_mlp, *, prev_attn=None,

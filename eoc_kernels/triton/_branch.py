@@ -10,9 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from . import _common
 from ._common import (_corrected_feature, _row_offsets, branch_launch_args, check_runnable,
-                      pick_blocks, split_coef, split_threshold)
+                      coef_of, pick_blocks, register_reference_autograd, split_coef,
+                      split_threshold, threshold_of)
 
 
 @triton.jit
@@ -101,6 +103,16 @@ def cached_branch_op(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor,
 def _cached_branch_fake(x, gate, cache, prev, delta, trend, coef_values, coef_tensor,
                         threshold_value, threshold_tensor):
     return torch.empty_like(x)
+
+
+def _cached_branch_reference(x, gate, cache, prev, delta, trend, coef_values, coef_tensor,
+                             threshold_value, threshold_tensor):
+    return reference.cached_branch(x, gate, cache, prev=prev, delta=delta, trend=trend,
+                                   coef=coef_of(coef_values, coef_tensor),
+                                   token_threshold=threshold_of(threshold_value, threshold_tensor))
+
+
+register_reference_autograd(cached_branch_op, _cached_branch_reference)
 
 
 def cached_branch(x, gate, cache, *, prev=None, delta=None, trend=None, coef=(0.0, 0.0, 0.0),

@@ -20,6 +20,10 @@ scalar kernel arguments (not specialized: no recompile when they change).
 
 Offsets are int64 (a stacked cache buffer can exceed 2**31 elements); every stride is passed
 explicitly (Triton specializes a stride of 1), so no input needs to be contiguous.
+
+Autograd: the kernels are forward-only; each custom op's backward (``register_reference_autograd``)
+recomputes the eager reference on the saved inputs and differentiates it, so gradients are exactly
+the "torch" backend's (first order; the token judgment's keep mask is piecewise constant there).
 """
 
 import os
@@ -98,6 +102,48 @@ def pick_blocks(channels, rows, device):
     block_m = max(1, min(triton.next_power_of_2(max(rows, 1)), tile // block_c))
     num_warps = max(4, min(16, block_m * block_c // 256))
     return block_m, block_c, num_warps
+
+
+def register_reference_autograd(op, reference_fn):
+    """Gives custom op a backward that differentiates reference_fn(*the op's inputs).
+
+    reference_fn takes the op's positional inputs and returns the eager reference output; the
+    backward recomputes it on the saved inputs under torch.enable_grad() (memory and time of one
+    eager forward) and returns torch.autograd.grad of it for the inputs that need a gradient.
+    """
+    def setup_context(ctx, inputs, output):
+        ctx.is_tensor = [isinstance(value, torch.Tensor) for value in inputs]
+        ctx.others = [None if is_tensor else value
+                      for value, is_tensor in zip(inputs, ctx.is_tensor)]
+        ctx.save_for_backward(*[value for value, is_tensor in zip(inputs, ctx.is_tensor)
+                                if is_tensor])
+
+    def backward(ctx, grad_output):
+        saved = iter(ctx.saved_tensors)
+        inputs = [next(saved) if is_tensor else other
+                  for is_tensor, other in zip(ctx.is_tensor, ctx.others)]
+        needs_grad = ctx.needs_input_grad
+        with torch.enable_grad():
+            inputs = [value.detach().requires_grad_() if needs else value
+                      for value, needs in zip(inputs, needs_grad)]
+            out = reference_fn(*inputs)
+            if not out.requires_grad:  # only the threshold needs a gradient: it has none
+                return (None,) * len(inputs)
+            wanted = [value for value, needs in zip(inputs, needs_grad) if needs]
+            grads = iter(torch.autograd.grad(out, wanted, grad_output, allow_unused=True))
+        return tuple(next(grads) if needs else None for needs in needs_grad)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def coef_of(coef_values, coef_tensor):
+    """The public op's coef from the custom op's split form (inverse of split_coef)."""
+    return coef_tensor if coef_tensor is not None else tuple(coef_values)
+
+
+def threshold_of(threshold_value, threshold_tensor):
+    """The public op's token_threshold from its split form (inverse of split_threshold)."""
+    return threshold_tensor if threshold_tensor is not None else threshold_value
 
 
 def new_output(x):

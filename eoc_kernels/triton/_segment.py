@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from . import _common
 from ._common import (_corrected_feature, _row_offsets, check_runnable, pick_blocks,
-                      split_threshold)
+                      register_reference_autograd, split_threshold, threshold_of)
 
 
 @triton.jit
@@ -140,6 +141,16 @@ def cached_segment_op(x: torch.Tensor, gates: torch.Tensor, cache: torch.Tensor,
 def _cached_segment_fake(x, gates, cache, generation, delta, trend, coef, threshold_value,
                          threshold_tensor):
     return torch.empty_like(x)
+
+
+def _cached_segment_reference(x, gates, cache, generation, delta, trend, coef, threshold_value,
+                              threshold_tensor):
+    return reference.cached_segment(
+        x, gates, cache, generation, delta=delta, trend=trend, coef=coef,
+        token_threshold=threshold_of(threshold_value, threshold_tensor))
+
+
+register_reference_autograd(cached_segment_op, _cached_segment_reference)
 
 
 def cached_segment(x, gates, cache, generation, *, delta=None, trend=None, coef=None,

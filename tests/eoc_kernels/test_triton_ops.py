@@ -361,15 +361,23 @@ def small_op_inputs(gen):
     }
 
 
+def requiring_grad(args):
+    """args with every float tensor replaced by a leaf copy that requires grad."""
+    return tuple(arg.detach().clone().requires_grad_()
+                 if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg
+                 for arg in args)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("op_name", ["cached_branch", "cached_block", "cached_segment"])
-def test_opcheck(op_name):
+def test_opcheck(op_name, grad):
     # All of opcheck's default tests run on CPU under the interpreter: test_schema,
-    # test_autograd_registration (no input requires grad), test_faketensor and
-    # test_aot_dispatch_dynamic.
+    # test_autograd_registration, test_faketensor and test_aot_dispatch_dynamic (which, with
+    # inputs requiring grad, also checks the backward against eager).
     gen = torch.Generator().manual_seed(30)
     op = getattr(torch.ops.eoc, op_name).default
     for args in small_op_inputs(gen)[op_name]:
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op, requiring_grad(args) if grad else args)
 
 
 @pytest.mark.slow  # two inductor compilations, about 5-10 s
