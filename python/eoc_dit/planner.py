@@ -1,4 +1,4 @@
-"""The planner: what every (step, block, branch) entry of a cached run does (DESIGN §2 and §6).
+"""The planner: what every (step, block, branch) entry of a cached run does (DESIGN §2 and §7).
 
 A pure function of (schedule mask, correction settings, prior): no model, no device, no state.
 :func:`make_plan` turns them into a :class:`Plan` that says, for every entry,
@@ -171,8 +171,10 @@ def make_plan(mask: torch.Tensor, config: EOCConfig | None = None, prior: Prior 
             raise InputValueError("mode 'calibrated' needs coefficients fitted for this schedule (a CoefficientFit)")
         if not torch.equal(fit.mask, mask):
             raise InputValueError("the fit was made for another schedule mask")
-    if config is not None and config.needs_prior and prior is None:
+    if config is not None and config.needs_prior and prior is None and not calibrated:
         raise InputValueError(f"EOCConfig(mode={config.mode!r}) needs a prior")
+    if calibrated and prior is None and bool((fit.coef[..., [0, 2]] != 0).any()):
+        raise InputValueError("the fit has prior terms (alpha or gamma != 0): it needs the prior it was fitted with")
     judged = (prior is not None and config is not None and not calibrated
               and (config.judge_threshold > 0 or config.min_gain is not None))
     fit_coef = fit.coef.tolist() if calibrated else None

@@ -7,6 +7,8 @@ from tests.eoc_dit.tiny import make_tiny_dit
 from eoc_dit import (DDIMSampler, DDPMSampler, EOCConfig, FORASchedule, MaskSchedule, apply_eoc, calibrate,
                      noise_for_seed, remove_eoc)
 from eoc_dit.models import modulate
+from eoc_dit.prior import Prior
+from eoc_dit.schedules import Schedule
 
 STEPS = 9
 
@@ -326,12 +328,87 @@ def test_schedule_gap_beyond_prior_max_gap(model, prior):
     apply_eoc(model, FORASchedule(6), prior, EOCConfig(mode="delta", min_gain=None)).remove()
 
 
-def test_unavailable_backend_fails_at_patch_time(model):
-    with pytest.raises(ValueError, match="cuda.*not available"):  # the CUDA C++ backend is not built
-        apply_eoc(model, FORASchedule(2), config=EOCConfig(mode="extrapolate", backend="cuda"))
+def test_unavailable_backend_fails_at_patch_time(model, monkeypatch):
+    import eoc_kernels.triton._common as triton_common
+
+    monkeypatch.setattr(triton_common, "INTERPRETED", False)  # CPU tensors, no interpreter: triton cannot run
+    with pytest.raises(ValueError, match="triton.*not available"):
+        apply_eoc(model, FORASchedule(2), config=EOCConfig(mode="extrapolate", backend="triton"))
     assert not hasattr(model, "_eoc_handle")
+    with pytest.raises(ValueError, match="backend must be one of"):  # no backend by that name exists (yet)
+        EOCConfig(mode="extrapolate", backend="cuda")
 
 
 def test_sampler_refuses_noise_on_another_device(model):
     with pytest.raises(ValueError, match="noise must be on the model's device"):
         DDIMSampler(STEPS).sample(model, torch.randn(1, 1, 8, 8, device="meta"), torch.tensor([0], device="meta"))
+
+
+class CountdownSchedule(Schedule):
+    """Computes at the last step and every ``interval`` steps counted back from it (and at step 0):
+    its mask depends on the run length, not only on the step index."""
+
+    def __init__(self, interval):
+        self.interval = interval
+
+    def mask(self, num_steps, num_blocks):
+        steps = torch.tensor([t == 0 or (num_steps - 1 - t) % self.interval == 0 for t in range(num_steps)])
+        return steps[:, None, None].expand(num_steps, num_blocks, 2).clone()
+
+
+def test_plans_follow_a_mask_that_changes_with_the_run_length(model, inputs):
+    # One handle, runs of different lengths: each run must follow its own mask (source steps and β
+    # recomputed), not the plans of the run before. Caught a bug: plans were cached by entry only.
+    schedule, config = CountdownSchedule(3), EOCConfig(mode="extrapolate")
+    with apply_eoc(model, schedule, config=config):
+        got = {steps: DDIMSampler(steps).sample(model, *inputs, cfg_scale=2.0) for steps in (8, 9, 7, 8)}
+    for steps in (7, 8, 9):
+        mask = schedule.mask(steps, len(model.blocks))
+        assert not torch.equal(mask, schedule.mask(steps + 1, len(model.blocks))[:steps])  # the test can fail
+        hand = HandCachedDiT(model, mask, extrapolate(1.0))
+        close(got[steps], DDIMSampler(steps).sample(hand, *inputs, cfg_scale=2.0))
+
+
+def test_a_length_dependent_schedule_refuses_an_unannounced_run(model, inputs):
+    class Unannounced(torch.nn.Module):  # a third-party sampler's view: calls the model, announces nothing
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.num_classes = inner, inner.num_classes
+
+        def forward(self, x, t, y):
+            return self.inner.forward(x, t, y)
+
+    with apply_eoc(model, CountdownSchedule(3)):
+        with pytest.raises(ValueError, match="depends on the step count"):
+            DDIMSampler(5).sample(Unannounced(model), *inputs)
+
+
+def test_prior_terms_are_built_once_and_only_where_a_coefficient_reads_them(model, inputs, prior):
+    # mode trend reads E only: no D may be built, and each E exactly once (one [H, N, C] slab per entry).
+    H, N, C = prior.mean.shape[3:]
+    slab = H * N * C * 4  # fp32 model
+    for mode, reads in (("trend", "trend"), ("delta", "delta")):
+        with apply_eoc(model, FORASchedule(3), prior, EOCConfig(mode=mode, min_gain=None)) as handle:
+            DDIMSampler(STEPS).sample(model, *inputs, cfg_scale=2.0)
+            DDIMSampler(STEPS).sample(model, *inputs, cfg_scale=2.0)  # a second run builds nothing more
+            corrected = sum(entry.corrected for entry in handle.plan.entries.values())
+            assert corrected == len(handle.plan.entries) > 0
+            terms = handle.prior_terms
+            # Segments hold every reused block of a FORA step: one stacked tensor per step and read term.
+            assert not terms._entries and all(key[0] == (2 if reads == "trend" else 0) for key in terms._segments)
+            assert terms.bytes == len(handle.plan.entries) * slab
+
+
+def test_default_config_is_one_rule(model, prior):
+    from eoc_dit.fitting import fit_coefficients
+
+    assert EOCConfig().mode == "calibrated"
+    prior = Prior(prior.mean, prior.stats, prior.metadata)
+    prior.add_fit(fit_coefficients(model, DDIMSampler(STEPS), FORASchedule(3), prior, [0, 1], [7], gains=(1.0,),
+                                   progress=False))
+    with apply_eoc(model, FORASchedule(3), prior) as handle:
+        assert handle.config == EOCConfig()
+    with apply_eoc(model, FORASchedule(3)) as handle:
+        assert handle.config is None  # no prior: plain caching
+    with pytest.raises(ValueError, match="needs a prior"):
+        apply_eoc(model, FORASchedule(3), config=EOCConfig())
