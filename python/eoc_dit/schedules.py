@@ -2,7 +2,7 @@
 
 A schedule turns into a boolean mask S[T, L, 2] (True = compute; branch 0 = attention, 1 = MLP).
 Step 0 always computes. For a reuse entry the source step is the latest earlier step that computed
-the same (block, branch); :func:`source_steps` finds it.
+the same (block, branch); the planner (``planner.make_plan``) finds it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import torch
 
 from .errors import InputTypeError, InputValueError
 
-ATTN, MLP = 0, 1
-BRANCHES = ("attn", "mlp")
+BRANCHES = ("attn", "mlp")  # branch 0, branch 1 of a (step, block, branch) entry
 
 
 def _check_positive_int(value, name: str, minimum: int = 1) -> int:
@@ -111,16 +110,4 @@ class MaskSchedule(Schedule):
     def __repr__(self) -> str:
         T, L, _ = self._mask.shape
         return f"MaskSchedule(T={T}, L={L}, caching_level={self.caching_level:.3f})"
-
-
-def source_steps(mask: torch.Tensor, step: int, block: int, branch: int) -> tuple[int, int | None]:
-    """For a reuse entry, (s, p): the latest compute step s < step and the compute step p < s before it
-    (None when there is none). ``mask`` is bool [T, L, 2]."""
-    column = mask[:step, block, branch].tolist()
-    computed = [i for i, c in enumerate(column) if c]
-    if not computed:
-        raise InputValueError(f"entry (step {step}, block {block}, {BRANCHES[branch]}) reuses but nothing was computed before it")
-    s = computed[-1]
-    p = computed[-2] if len(computed) > 1 else None
-    return s, p
 

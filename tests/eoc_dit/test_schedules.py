@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eoc_dit import EOCConfig, FORASchedule, MaskSchedule
-from eoc_dit.schedules import source_steps
+from eoc_dit.planner import make_plan
 
 
 def test_fora_mask_pattern():
@@ -37,12 +37,10 @@ def test_mask_schedule():
 
 
 def test_source_steps():
-    mask = FORASchedule(3).mask(8, 1)
-    assert source_steps(mask, 2, 0, 0) == (0, None)
-    assert source_steps(mask, 4, 0, 1) == (3, 0)
-    assert source_steps(mask, 7, 0, 0) == (6, 3)
-    with pytest.raises(ValueError, match="nothing was computed"):
-        source_steps(torch.zeros(3, 1, 2, dtype=torch.bool), 2, 0, 0)
+    plan = make_plan(FORASchedule(3).mask(8, 1))
+    assert (plan.entry(2, 0, 0).source, plan.entry(2, 0, 0).previous) == (0, None)
+    assert (plan.entry(4, 0, 1).source, plan.entry(4, 0, 1).previous) == (3, 0)
+    assert (plan.entry(7, 0, 0).source, plan.entry(7, 0, 0).previous) == (6, 3)
 
 
 @pytest.mark.parametrize("args,error,match", [
