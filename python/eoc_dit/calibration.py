@@ -33,7 +33,7 @@ def _batches(pairs, batch_size):
         yield pairs[start : start + batch_size]
 
 
-def _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, holdout, batch_size):
+def _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, holdout, batch_size, trend_eps):
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for attr in ("in_channels", "input_size"):
@@ -48,12 +48,14 @@ def _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, hol
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and not all(0 <= v < num_classes for v in labels):
         raise InputValueError(f"labels must lie in [0, {num_classes}), got {sorted(set(labels))}")
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 1.0:
-        raise InputValueError(f"cfg_scale must be a number >= 1.0, got {cfg_scale!r}")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not (math.isfinite(cfg_scale) and cfg_scale >= 1.0):
+        raise InputValueError(f"cfg_scale must be a finite number >= 1.0, got {cfg_scale!r}")
     if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 1:
         raise InputValueError(f"max_gap must be an int >= 1, got {max_gap!r}")
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout < 1.0:
         raise InputValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+    if isinstance(trend_eps, bool) or not isinstance(trend_eps, (int, float)) or not (math.isfinite(trend_eps) and trend_eps > 0):
+        raise InputValueError(f"trend_eps must be a finite number > 0, got {trend_eps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
@@ -146,7 +148,7 @@ def calibrate(model: nn.Module, sampler, labels, seeds, cfg_scale: float = 1.0, 
     Use the same sampler, step count and ``cfg_scale`` as at inference. Returns a fp32 in-memory Prior.
     """
     labels, seeds = list(labels), list(seeds)
-    _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, holdout, batch_size)
+    _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, holdout, batch_size, trend_eps)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     pairs = [(label, seed) for label in labels for seed in seeds]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()

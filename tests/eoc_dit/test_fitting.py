@@ -114,8 +114,9 @@ def test_bad_arguments(model, prior):
         fit_coefficients(model, sampler, FORASchedule(3), "prior", [1], [2])
     with pytest.raises(ValueError, match="terms"):
         fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], terms=("momentum",))
-    with pytest.raises(ValueError, match="ridge"):
-        fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], ridge=-1.0)
+    for ridge in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="ridge"):
+            fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], ridge=ridge)
     with pytest.raises(ValueError, match="num_steps mismatch"):
         fit_coefficients(model, DDIMSampler(STEPS + 1), FORASchedule(3), prior, [1], [2])
     with pytest.raises(ValueError, match="empty"):
