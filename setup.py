@@ -7,7 +7,7 @@ The C++/CUDA extension ``eoc_kernels._C`` (sources in ``csrc/``) is optional: it
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,10 +37,17 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["eoc_kernels", "eoc_kernels.triton", "eoc_dit"],
+    # Every subpackage (eoc_dit.testbed included), so that a wheel or a plain `pip install .` works.
+    packages=find_packages(include=["eoc_kernels", "eoc_kernels.*"])
+    + find_packages("python", include=["eoc_dit", "eoc_dit.*"]),
     package_dir={"eoc_kernels": "eoc_kernels", "eoc_dit": "python/eoc_dit"},
+    # The shipped testbed: model, prior, classifier, feature statistics and their cards (`eoc demo`,
+    # `--model testbed`). Package data lands in both the wheel and the sdist.
+    package_data={"eoc_dit.testbed": ["assets/*.pt", "assets/*.safetensors", "assets/*.json"]},
+    include_package_data=False,
+    zip_safe=False,
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "ninja", "triton"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "ninja", "triton"]},
     entry_points={"console_scripts": ["eoc=eoc_dit.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
