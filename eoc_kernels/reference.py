@@ -22,8 +22,8 @@ def _per_row(per_head, batch):
 
 
 def _scaled(c, term):
-    """c · term(), where a zero coefficient contributes exactly 0 (the kernels never read its tensor,
-    so whatever it holds — even NaN in a never-written cache slot — must not leak in)."""
+    """c · term(), where a zero coefficient contributes exactly 0 (the kernels never read its
+    tensor, so whatever it holds — even NaN in a never-written cache slot — must not leak in)."""
     if isinstance(c, torch.Tensor):
         return torch.where(c != 0, c * term(), 0.0)
     return c * term() if c != 0 else 0.0
