@@ -19,6 +19,7 @@ import os
 import torch
 
 from ..errors import InputFileNotFoundError, InputTypeError, InputValueError
+from ..prior import Prior
 from .classifier import (
     CLASSIFIER_NAME,
     FEATURE_STATS_NAME,
@@ -75,8 +76,6 @@ def load_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.fl
 def load_prior(num_steps: int = 20):
     """The shipped prior of the testbed for DDIM with ``num_steps`` steps (it carries its ``cfg_scale``
     and the calibrated mode's coefficients for FORA intervals 2-5)."""
-    from ..prior import Prior
-
     path = os.path.join(ASSETS, prior_name(num_steps))
     if not os.path.isfile(path):
         shipped = sorted(name for name in os.listdir(ASSETS) if name.startswith("testbed_prior_ddim"))

@@ -17,7 +17,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import testbed  # the package of this module: its shipped model, prior and metrics
+from ..config import EOCConfig
+from ..diffusion import DDIMSampler, noise_for_seed
 from ..errors import InputValueError
+from ..patching import apply_eoc
+from ..schedules import FORASchedule
 
 EVAL_SEED_BASE = 100_000
 EVAL_SEED_BASE_2 = 200_000  # the second evaluation seed set of `eoc evaluate`
@@ -49,8 +54,6 @@ class ResultRow:
 
 def demo_batch(model, num_samples: int, seed_base: int = EVAL_SEED_BASE):
     """(noise [S, 1, 28, 28], labels [S]): labels cycle through the classes, one seed per sample."""
-    from ..diffusion import noise_for_seed
-
     labels = torch.arange(num_samples) % model.num_classes
     noise = torch.cat([noise_for_seed(model, seed_base + i) for i in range(num_samples)])
     return noise, labels
@@ -72,12 +75,6 @@ def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch
     seed_sets: 1 or 2 — with 2 the samples are split evenly between the seed sets starting at
     ``EVAL_SEED_BASE`` and ``EVAL_SEED_BASE_2``, and PSNR / FD to uncached are also given per set.
     """
-    from .. import testbed
-    from ..config import EOCConfig
-    from ..diffusion import DDIMSampler
-    from ..patching import apply_eoc
-    from ..schedules import FORASchedule
-
     if num_samples < 2:
         raise InputValueError(f"--samples must be >= 2 (a Fréchet distance needs a covariance), got {num_samples}")
     if not methods or methods[0].interval is not None:
