@@ -1,5 +1,5 @@
 """Patching a DiT for cached sampling with the EOC correction: the hook installer and step clock
-(DESIGN §4 and §6).
+(DESIGN §4 and §7).
 
 ``apply_eoc(model, schedule, prior, config)`` replaces the forward of the model and of each block.
 Three parts, each with one job:
