@@ -28,13 +28,18 @@ def _optional_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+def _readme() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
 ext_modules, cmdclass = _optional_extensions()
 
 setup(
     name="eoc-kernels",
     version="0.1.0",
     description="Error-Optimized Cache (EOC) for Diffusion Transformers: fused kernels and DiT integration",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description=_readme(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # Every subpackage (eoc_dit.testbed included), so that a wheel or a plain `pip install .` works.

@@ -4,8 +4,11 @@
 prior, ``fit`` fits the calibrated mode's coefficients into it, ``sample`` samples with caching and
 EOC; ``train-testbed`` / ``train-classifier`` rebuild the shipped testbed files. A model is a
 checkpoint of the original DiT release (``--checkpoint``), the shipped testbed (``--model testbed``)
-or, for smoke tests, a named random-init config (``--model DiT-S/8 --input-size 32``). Errors print
-one line and exit 2.
+or, for smoke tests, a named random-init config (``--model DiT-S/8 --input-size 32``).
+
+Input errors (``eoc_dit.errors.InputError``: a bad argument, a missing or unreadable file, an output
+that cannot be written) print one line and exit 2, as argparse's usage errors do; anything else is a
+bug and keeps its traceback. Nothing is written into the installed package unless a path says so.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from .errors import InputValueError
+from .errors import InputError, InputValueError
 from .fitting import DEFAULT_GAINS, DEFAULT_TERMS
 
 SCHEDULE_HELP = "'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps)"
@@ -54,6 +57,21 @@ def _int_list(values: list[str], option: str = "value") -> list[int]:
     if not out:
         raise InputValueError(f"{option}: no numbers given in {' '.join(values)!r}")
     return out
+
+
+# What torch.manual_seed / torch.Generator.manual_seed accept.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _check_seeds(seeds: list[int], option: str) -> list[int]:
+    bad = [s for s in seeds if not SEED_MIN <= s <= SEED_MAX]
+    if bad:
+        raise InputValueError(f"{option} must lie in [-2**63, 2**64 - 1] (a torch seed), got {bad}")
+    return seeds
+
+
+def _seed_list(values: list[str], option: str) -> list[int]:
+    return _check_seeds(_int_list(values, option), option)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +122,10 @@ def _load_model(args):
         raise InputValueError("give --checkpoint PATH or --model NAME (a random-init config, for smoke tests)")
     if args.model not in DiT_models:
         raise InputValueError(f"--model must be one of {', '.join(DiT_models)}, got {args.model!r}")
+    for option in ("input_size", "in_channels", "num_classes"):
+        if getattr(args, option) < 1:
+            raise InputValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    _check_seeds([args.init_seed], "--init-seed")
     torch.manual_seed(args.init_seed)
     model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes)
     return model.to(args.device).eval()
@@ -131,13 +153,27 @@ def _parse_schedule(text: str):
 
 
 def _check_writable(path: str) -> None:
+    """An output file the user named can be written: checked before any work, so that a wrong path is
+    an input error (one line, exit 2) and not an OSError after a long run."""
+    if os.path.isdir(path):
+        raise InputValueError(f"cannot write {path}: it is a folder (give a file name)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise InputValueError(f"cannot write {path}: folder {folder} does not exist or is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise InputValueError(f"cannot write {path}: the file exists and is not writable")
+
+
+def _check_writable_folder(folder: str, names, option: str = "--out") -> None:
+    """``folder`` is a writable folder and each of ``names`` in it can be written."""
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise InputValueError(f"{option}: cannot write to {folder}: not a writable folder")
+    for name in names:
+        _check_writable(os.path.join(folder, name))
 
 
 def _pairs(args):
-    labels, seeds = _int_list(args.labels, "--labels"), _int_list(args.seeds, "--seeds")
+    labels, seeds = _int_list(args.labels, "--labels"), _seed_list(args.seeds, "--seeds")
     return [(label, seed) for label in labels for seed in seeds]
 
 
@@ -146,7 +182,7 @@ def cmd_calibrate(args) -> None:
     from .prior import STORAGE_DTYPES
 
     _check_writable(args.out)
-    labels, seeds = _int_list(args.labels, "--labels"), _int_list(args.seeds, "--seeds")  # before the model loads
+    labels, seeds = _int_list(args.labels, "--labels"), _seed_list(args.seeds, "--seeds")  # before the model loads
     model = _load_model(args)
     sampler = _make_sampler(args)
     start = time.perf_counter()
@@ -174,8 +210,8 @@ def cmd_fit(args) -> None:
     if any(g <= 0 for g in args.gains):
         raise InputValueError(f"--gains must be > 0, got {args.gains}")
     schedules = [_parse_schedule(text) for text in args.schedules]
-    labels, seeds = _int_list(args.labels, "--labels"), _int_list(args.seeds, "--seeds")
-    tune_seeds = _int_list(args.tune_seeds, "--tune-seeds") if args.tune_seeds else None
+    labels, seeds = _int_list(args.labels, "--labels"), _seed_list(args.seeds, "--seeds")
+    tune_seeds = _seed_list(args.tune_seeds, "--tune-seeds") if args.tune_seeds else None
     prior = Prior.load(args.prior)
     if prior.num_steps != args.steps:
         raise InputValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
@@ -249,8 +285,13 @@ def cmd_sample(args) -> None:
 def cmd_train_testbed(args) -> None:
     from dataclasses import fields
 
-    from .testbed.train import TrainConfig, train_testbed
+    from .testbed.train import CARD_NAME, CHECKPOINT_NAME, TrainConfig, train_testbed
 
+    _check_writable_folder(args.out, (CHECKPOINT_NAME, CARD_NAME))
+    for option, low in (("iterations", 1), ("batch_size", 1), ("max_minutes", 0)):
+        value = getattr(args, option)
+        if value is not None and not value >= low:  # `not >=`: NaN fails too
+            raise InputValueError(f"--{option.replace('_', '-')} must be >= {low}, got {value}")
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     card = train_testbed(TrainConfig(**overrides), args.out, progress=True)
     print(f"trained {card['iterations_run']} iterations in {card['wall_time_s']:.0f} s, "
@@ -258,8 +299,16 @@ def cmd_train_testbed(args) -> None:
 
 
 def cmd_train_classifier(args) -> None:
-    from .testbed.classifier import train_classifier
+    from .testbed.classifier import (
+        CLASSIFIER_CARD_NAME,
+        CLASSIFIER_NAME,
+        FEATURE_STATS_NAME,
+        train_classifier,
+    )
 
+    _check_writable_folder(args.out, (CLASSIFIER_NAME, FEATURE_STATS_NAME, CLASSIFIER_CARD_NAME))
+    if args.epochs < 1:
+        raise InputValueError(f"--epochs must be >= 1, got {args.epochs}")
     card = train_classifier(args.out, epochs=args.epochs, seed=args.seed, progress=True)
     print(f"classifier test accuracy {card['test_accuracy']:.4f} in {card['wall_time_s']:.0f} s -> {args.out}")
 
@@ -294,8 +343,9 @@ def cmd_evaluate(args) -> None:
         write_results,
     )
 
-    if not os.path.isdir(args.out_dir) or not os.access(args.out_dir, os.W_OK):
-        raise InputValueError(f"cannot write to {args.out_dir}: not a writable folder")
+    _check_writable_folder(args.out_dir, ("results.csv", "results.md", "grid.png"), "--out-dir")
+    if args.batch_size < 1:
+        raise InputValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     bad = [n for n in args.intervals if n < 2]
     if bad:
         raise InputValueError(f"--intervals must be >= 2, got {bad}")
@@ -404,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-testbed", help="train the testbed DiT on Fashion-MNIST (CPU, under an hour)",
                        description="Train the small DiT that the testbed ships, seeded and reproducible.")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "testbed", "assets"),
-                   help="folder for testbed_dit.pt and MODEL_CARD.json (default: the package's assets)")
+    p.add_argument("--out", default=".",
+                   help="folder for testbed_dit.pt and MODEL_CARD.json (default: the current folder; the shipped "
+                        "files in the package's testbed/assets are replaced only when that folder is given)")
     p.add_argument("--iterations", type=int, default=None, help="training iterations (default 3500)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="batch size (default 64)")
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
@@ -415,8 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-classifier", help="train the testbed's Fashion-MNIST feature classifier (minutes)",
                        description="Train the CNN whose features the testbed's Fréchet distance uses.")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "testbed", "assets"),
-                   help="folder for classifier.pt, test_feature_stats.pt and CLASSIFIER_CARD.json")
+    p.add_argument("--out", default=".",
+                   help="folder for classifier.pt, test_feature_stats.pt and CLASSIFIER_CARD.json (default: the "
+                        "current folder; the shipped files in the package's testbed/assets are replaced only when "
+                        "that folder is given)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_classifier)
@@ -431,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
+    except InputError as exc:  # the caller's mistake: one line; anything else is a bug and keeps its traceback
         print(f"eoc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

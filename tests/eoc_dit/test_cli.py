@@ -17,10 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from eoc_dit import DDIMSampler, DiT_models, Prior, load_dit, noise_for_seed
-from eoc_dit.cli import _int_list, main
+from eoc_dit import DDIMSampler, DiT_models, Prior, cli, load_dit, noise_for_seed
+from eoc_dit.cli import _int_list, build_parser, main
+from eoc_dit.errors import InputFileNotFoundError, InputTypeError, InputValueError
 from eoc_dit.images import image_grid
+from eoc_dit.testbed import ASSETS
+
 from tests.eoc_dit.test_images import decode_png
+from tests.eoc_dit.test_testbed import write_idx
 
 MODEL = ["--model", "DiT-S/8", "--input-size", "16", "--in-channels", "1", "--num-classes", "4"]
 RUN = ["--steps", "3", "--labels", "0-1", "--seeds", "0", "1"]
@@ -114,7 +118,7 @@ def test_console_script_is_installed():
     if not os.path.exists(script):
         script = shutil.which("eoc")
     assert script is not None, "the 'eoc' console script is not installed"
-    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([script, "--help"], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: eoc")
     assert "calibrate" in result.stdout and "sample" in result.stdout
@@ -426,3 +430,180 @@ def test_sample_with_a_prior_defaults_to_calibrated(capsys, tmp_path, prior_path
     _fails(capsys, args, match="no coefficients fitted for FORASchedule\\(interval=5")
     printed, _ = _ok(capsys, args + ["--mode", "none"])
     assert "EOC none" in printed
+
+
+# ---------------------------------------------------------------------------------------------- input errors vs bugs
+@pytest.mark.parametrize("error", [InputValueError, InputTypeError, InputFileNotFoundError])
+def test_every_input_error_type_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, error):
+    def bad(text):
+        raise error(f"bad schedule {text!r}")
+
+    monkeypatch.setattr(cli, "_parse_schedule", bad)
+    _fails(capsys, [*SAMPLE, "--schedule", "fora:2", "--out", str(tmp_path / "s.npy")], match="bad schedule 'fora:2'")
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError, FileNotFoundError, PermissionError, OSError, RuntimeError,
+                                   KeyError])
+def test_a_bug_is_not_turned_into_an_input_error(capsys, tmp_path, monkeypatch, error):
+    """Only eoc_dit.errors.InputError is the caller's mistake; anything else (a plain ValueError from deep
+    inside, an OSError) is a bug or an environment failure and propagates with its traceback."""
+    def broken(text):
+        raise error("internal failure")
+
+    monkeypatch.setattr(cli, "_parse_schedule", broken)
+    with pytest.raises(error, match="internal failure"):
+        main([*SAMPLE, "--schedule", "fora:2", "--out", str(tmp_path / "s.npy")])
+    assert "error:" not in capsys.readouterr().err
+
+
+def _python(code, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+
+
+def test_a_bug_in_a_subprocess_shows_a_traceback_and_exits_1(tmp_path):
+    code = ("import sys, eoc_dit.cli as cli\n"
+            "def broken(args):\n    raise RuntimeError('a bug in the planner')\n"
+            "cli._make_sampler = broken\n"
+            f"sys.exit(cli.main({[*SAMPLE, '--out', str(tmp_path / 's.npy')]!r}))\n")
+    result = _python(code, tmp_path)
+    assert result.returncode == 1, result
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == "RuntimeError: a bug in the planner"
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_an_input_error_in_a_subprocess_is_one_line_and_exits_2(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "eoc")
+    argv = [script] if os.path.exists(script) else [sys.executable, "-m", "eoc_dit.cli"]
+    result = subprocess.run([*argv, *SAMPLE, "--schedule", "fora:x", "--out", str(tmp_path / "s.npy")], check=False,
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("eoc sample: error: --schedule")
+
+
+# ---------------------------------------------------------------------------------------------- outputs checked up front
+def test_output_is_an_existing_folder(capsys, tmp_path):
+    (tmp_path / "s.npy").mkdir()
+    _fails(capsys, [*SAMPLE, "--out", str(tmp_path / "s.npy")], match="is a folder")
+    _fails(capsys, ["calibrate", *MODEL, *RUN, "--out", str(tmp_path)], match="is a folder")
+    _fails(capsys, ["demo", "--samples", "2", "--out", str(tmp_path)], match="is a folder")
+
+
+def _deny_writes_to(monkeypatch, *paths):
+    # Root (as on CI) can write anything, so the permission answer is simulated.
+    denied = {str(p) for p in paths}
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if os.fspath(path) in denied else real_access(path, mode))
+
+
+def test_output_file_exists_and_is_not_writable(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "s.npy"
+    out.write_bytes(b"old")
+    _deny_writes_to(monkeypatch, out)
+    _fails(capsys, [*SAMPLE, "--out", str(out)], match="exists and is not writable")
+    assert out.read_bytes() == b"old"
+
+
+def test_demo_output_not_writable(capsys, tmp_path, monkeypatch):
+    _deny_writes_to(monkeypatch, tmp_path)
+    _fails(capsys, ["demo", "--samples", "2", "--out", str(tmp_path / "grid.png")], match="not writable")
+
+
+def test_evaluate_output_checks(capsys, tmp_path, monkeypatch):
+    _fails(capsys, ["evaluate", "--out-dir", str(tmp_path / "missing")], match="--out-dir.*not a writable folder")
+    (tmp_path / "grid.png").mkdir()
+    _fails(capsys, ["evaluate", "--out-dir", str(tmp_path)], match="grid.png: it is a folder")
+    (tmp_path / "grid.png").rmdir()
+    (tmp_path / "results.csv").write_text("old")
+    _deny_writes_to(monkeypatch, tmp_path / "results.csv")
+    _fails(capsys, ["evaluate", "--out-dir", str(tmp_path)], match="results.csv: the file exists and is not writable")
+    monkeypatch.undo()
+    _fails(capsys, ["evaluate", "--out-dir", str(tmp_path), "--batch-size", "0"], match="--batch-size must be >= 1")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--seeds", str(2**64)], r"--seeds must lie in"),
+    (["--seeds", str(-(2**63) - 1)], r"--seeds must lie in"),
+    (["--init-seed", str(2**64)], r"--init-seed must lie in"),
+    (["--input-size", "0"], "--input-size must be >= 1"),
+    (["--in-channels", "0"], "--in-channels must be >= 1"),
+    (["--num-classes", "0"], "--num-classes must be >= 1"),
+])
+def test_random_init_and_seed_checks(capsys, tmp_path, argv, match):
+    _fails(capsys, [*SAMPLE, *argv, "--out", str(tmp_path / "s.npy")], match=match)
+    _fails(capsys, ["calibrate", *MODEL, *RUN, *argv, "--out", str(tmp_path / "p.safetensors")], match=match)
+
+
+def test_extreme_seeds_that_torch_accepts_work(capsys, tmp_path):
+    out = tmp_path / "s.npy"
+    _ok(capsys, ["sample", *MODEL, "--steps", "1", "--labels", "0", "--seeds", str(2**64 - 1), str(-(2**63)),
+                 "--out", str(out)])
+    assert np.load(out).shape == (2, 1, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------- train-*: never into the package
+def test_train_commands_write_into_the_current_folder_by_default(capsys):
+    parser = build_parser()
+    for command in ("train-testbed", "train-classifier"):
+        assert parser.parse_args([command]).out == "."
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "default: the current folder" in help_text, help_text
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 128), ("t10k", 16)):
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    monkeypatch.setenv("EOC_FASHION_MNIST", str(data))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def _assets_snapshot():
+    return {name: os.stat(os.path.join(ASSETS, name)).st_mtime_ns for name in os.listdir(ASSETS)}
+
+
+@pytest.mark.slow  # two real (tiny) training runs, about 3 s
+def test_train_commands_leave_the_shipped_assets_alone(capsys, fake_fashion_mnist):
+    before = _assets_snapshot()
+    out, _ = _ok(capsys, ["train-testbed", "--iterations", "2", "--batch-size", "4"])
+    assert "trained 2 iterations" in out and "-> ." in out
+    assert sorted(os.listdir(fake_fashion_mnist)) == ["MODEL_CARD.json", "testbed_dit.pt"]
+    out, _ = _ok(capsys, ["train-classifier", "--epochs", "1"])
+    assert "classifier test accuracy" in out
+    assert sorted(os.listdir(fake_fashion_mnist)) == ["CLASSIFIER_CARD.json", "MODEL_CARD.json", "classifier.pt",
+                                                      "test_feature_stats.pt", "testbed_dit.pt"]
+    assert _assets_snapshot() == before
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train-testbed", "--iterations", "0"], "--iterations must be >= 1"),
+    (["train-testbed", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["train-testbed", "--max-minutes", "nan"], "--max-minutes must be >= 0"),
+    (["train-classifier", "--epochs", "0"], "--epochs must be >= 1"),
+    (["train-testbed", "--out", "missing"], "--out: cannot write to missing: not a writable folder"),
+    (["train-classifier", "--out", "missing"], "--out: cannot write to missing: not a writable folder"),
+])
+def test_train_option_checks(capsys, tmp_path, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    _fails(capsys, argv, match=match)
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_outputs_not_writable(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "testbed_dit.pt").mkdir()
+    _fails(capsys, ["train-testbed"], match="testbed_dit.pt: it is a folder")
+    (tmp_path / "classifier.pt").write_bytes(b"old")
+    _deny_writes_to(monkeypatch, os.path.join(".", "classifier.pt"))
+    _fails(capsys, ["train-classifier"], match="classifier.pt: the file exists and is not writable")
