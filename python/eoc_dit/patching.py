@@ -80,9 +80,10 @@ class StepContext:
         return self._handle.cache.feature(self.entry(block, branch).generation, block, branch)
 
     def previous(self, block: int, branch: int) -> torch.Tensor | None:
-        """Cp, this run's feature at the compute step before the source, or None when there is none."""
+        """Cp, this run's feature at the compute step before the source; None when there is none, or when
+        the cache keeps one generation (a strategy with ``two_generations = False``)."""
         entry = self.entry(block, branch)
-        if entry.previous is None:
+        if entry.previous is None or self._handle.plan.num_generations == 1:  # one generation keeps no Cp
             return None
         return self._handle.cache.feature(1 - entry.generation, block, branch)
 
