@@ -52,7 +52,9 @@ setup(
     include_package_data=False,
     zip_safe=False,
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "ninja", "triton"]},
+    # setuptools >= 70.1 builds wheels without the `wheel` package: tests/test_wheel.py builds one
+    # with --no-build-isolation (a fresh Python 3.11 venv starts with setuptools 65).
+    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "ninja", "triton", "setuptools>=70.1"]},
     entry_points={"console_scripts": ["eoc=eoc_dit.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
