@@ -20,7 +20,7 @@ import sysconfig
 
 import pytest
 
-pytestmark = pytest.mark.slow  # about 15 s on 2 cores: build, venv, install, demo
+pytestmark = pytest.mark.slow  # 10-15 s on 2 cores: build, venv, install, demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the build reads: setup.py, pyproject.toml, README.md (the long description), the packages.
@@ -86,6 +86,9 @@ def wheel_venv(tmp_path_factory):
             shutil.copy2(path, src / name)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    # One intra-op thread, as tests/conftest.py sets in-process: the demo's tensors are small, and on a busy
+    # 2-core machine two spinning threads make it 4-7x slower (5 s vs 20-35 s seen).
+    env["OMP_NUM_THREADS"] = "1"
 
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
          env=env)
