@@ -393,6 +393,8 @@ def noise_for_seed(model, seed: int) -> torch.Tensor:
     ``torch.randn(..., generator=torch.Generator().manual_seed(seed))`` on the CPU (move it where it is used)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise InputTypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise InputValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
     for attr in ("in_channels", "input_size"):
         if not isinstance(getattr(model, attr, None), numbers.Integral):
             raise InputTypeError(f"model must expose an int .{attr} (the noise shape of a sample), got {type(model).__name__}")

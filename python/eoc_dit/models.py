@@ -304,6 +304,11 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
     ):
         super().__init__()
+        for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
+                            ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads),
+                            ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputValueError(f"{name} must be an int >= 1, got {value!r}")
         if input_size % patch_size:
             raise InputValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
         if hidden_size % 4:

@@ -128,3 +128,35 @@ def test_frechet_distance_of_a_rank_deficient_set_is_finite():
     mean, cov = feats.mean(0), torch.cov(feats.T)
     assert frechet_distance(mean, cov, mean, cov) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(mean, cov, mean + 1.0, cov) == pytest.approx(128.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("field,value", [("iterations", 0), ("batch_size", -1), ("lr", math.nan), ("max_minutes", -1.0),
+                                         ("ema_decay", 1.5), ("seed", 1.5)])
+def test_train_config_refuses_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kwargs,needle", [(dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
+                                           (dict(lr=math.inf), "lr")])
+def test_train_classifier_refuses_bad_values(tmp_path, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        train_classifier(str(tmp_path), progress=False, data=((None, None), (None, None)), **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_noise_for_seed_refuses_seeds_torch_cannot_take(tiny_dit):
+    from eoc_dit import noise_for_seed
+
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed must lie"):
+            noise_for_seed(tiny_dit, seed)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        noise_for_seed(tiny_dit, 1.0)
+
+
+def test_evaluate_refuses_a_bad_batch_size():
+    from eoc_dit.testbed.demo import evaluate, methods_for
+
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(methods_for([2], []), 4, batch_size=0, progress=False)

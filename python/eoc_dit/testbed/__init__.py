@@ -44,7 +44,7 @@ def _asset(name: str) -> str:
     path = os.path.join(ASSETS, name)
     if not os.path.isfile(path):
         raise InputFileNotFoundError(f"shipped testbed file missing: {path} (reinstall the package, or recreate it "
-                                f"with 'eoc train-testbed' / 'eoc train-classifier')")
+                                     f"with 'eoc train-testbed --out {ASSETS}' / 'eoc train-classifier --out {ASSETS}')")
     return path
 
 

@@ -8,6 +8,7 @@ Trained with this script, seeded; the weights ship in the package.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -66,6 +67,11 @@ def train_classifier(out_dir: str, *, epochs: int = 3, batch_size: int = 128, lr
 
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise InputValueError(f"cannot write to {out_dir}: not a writable folder")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise InputValueError(f"lr must be a finite number > 0, got {lr!r}")
     (train_x, train_y), (test_x, test_y) = data if data is not None else (load_fashion_mnist("train"),
                                                                           load_fashion_mnist("test"))
     torch.manual_seed(seed)

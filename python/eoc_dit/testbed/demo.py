@@ -75,6 +75,8 @@ def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch
     seed_sets: 1 or 2 — with 2 the samples are split evenly between the seed sets starting at
     ``EVAL_SEED_BASE`` and ``EVAL_SEED_BASE_2``, and PSNR / FD to uncached are also given per set.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if num_samples < 2:
         raise InputValueError(f"--samples must be >= 2 (a Fréchet distance needs a covariance), got {num_samples}")
     if not methods or methods[0].interval is not None:

@@ -49,6 +49,25 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float = 0.0  # > 0: stop early after this much wall time (the card records it)
 
+    def __post_init__(self):
+        positive = ("input_size", "patch_size", "hidden_size", "depth", "num_heads", "num_classes", "iterations",
+                    "batch_size")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("warmup", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
+        bounded = {"class_dropout_prob": (0.0, 1.0), "ema_decay": (0.0, 1.0)}
+        for name in ("class_dropout_prob", "lr", "weight_decay", "grad_clip", "ema_decay", "max_minutes"):
+            value = getattr(self, name)
+            low, high = bounded.get(name, (0.0, math.inf))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high:
+                raise InputValueError(f"TrainConfig.{name} must be a finite number in [{low}, {high}], got {value!r}")
+
     def build_model(self) -> DiT:
         return DiT(input_size=self.input_size, patch_size=self.patch_size, in_channels=1,
                    hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
