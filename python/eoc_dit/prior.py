@@ -15,14 +15,37 @@ A :class:`Prior` holds what uncached calibration runs (``calibration.calibrate``
    before 0 are NaN;
 - ``fits``: coefficients fitted in closed loop for given schedules (``fitting.fit_coefficients``).
 
-A prior is stored as one safetensors file (no pickle): ``mean`` in fp16/bf16/fp32 and the fp32
-statistics, plus JSON metadata that ``Prior.load`` and ``apply_eoc`` validate.
+A prior is stored as one safetensors file (no pickle): ``mean`` in fp16/bf16/fp32, the fp32
+statistics and the fitted coefficients (``fit.<i>.mask`` uint8 0/1, ``fit.<i>.coef`` fp32), plus three
+safetensors metadata strings: ``eoc_prior`` (JSON object of :class:`PriorMetadata`), ``eoc_fits`` (JSON
+list of the fits' info dicts) and ``eoc_checksum`` (``"sha256:<hex>"`` of both strings and every
+tensor's name, dtype, shape and bytes, see :func:`_checksum`).
+
+``Prior.load`` trusts nothing in the file; anything wrong is one :class:`InputValueError` naming the
+file and the fault:
+
+- the file must be readable safetensors whose metadata holds ``eoc_prior``, optionally ``eoc_fits``
+  and ``eoc_checksum``, and no other key; the tensors must be exactly ``mean``, ``STAT_NAMES`` and
+  the two tensors of each fit listed in ``eoc_fits``. Unknown keys, fields or tensors are rejected,
+  not ignored: the format is versioned, so they mean a foreign writer or a corrupted file;
+- metadata: every field of :class:`PriorMetadata`, each of its type (ints are not bools nor floats)
+  and in range (see ``PriorMetadata.from_dict``); fits: a JSON list of objects;
+- tensors: dtype and shape as the metadata says; ``mean`` and the coefficients finite; the statistics
+  NaN exactly where a gap reaches before step 0 and finite elsewhere, the squared norms
+  (energy, err_plain, sq_delta, sq_trend) non-negative; fit masks 0/1, all-compute at step 0, one
+  fit per mask;
+- the checksum, when present, must match. ``save`` always writes it; files without it (written
+  before it existed, such as the shipped testbed prior, or by hand) still load, with the checks
+  above only: there, a flipped bit that leaves valid values cannot be told from a real prior.
+
+``FORMAT_VERSION`` stays 1: the checksum is an optional key that older readers ignore.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -36,13 +59,37 @@ STAT_NAMES = ("energy", "err_plain", "cross_delta", "sq_delta", "cross_trend", "
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _META_KEY = "eoc_prior"
 _FITS_KEY = "eoc_fits"
+_CHECKSUM_KEY = "eoc_checksum"
 _FIT_PREFIX = "fit."
+_SQUARED_STATS = ("energy", "err_plain", "sq_delta", "sq_trend")  # squared norms: never negative
+_MAX_META_CHARS = 1 << 16  # the metadata object is ~300 characters
+_MAX_FITS_CHARS = 1 << 24  # a fit's info is ~1000 characters
+_MAX_COUNT = 2**31 - 1  # no count of a prior comes close
+_MAX_DEPTH = 32  # of a fit's info (a few levels in practice)
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of the model's parameter names and shapes (not values): the architecture a prior fits."""
     text = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr(value) on one line, cut to ``limit`` characters (file contents go into messages)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int beyond the str conversion limit, a too deep list
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -68,23 +115,60 @@ class PriorMetadata:
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> PriorMetadata:
+        """Validate the metadata object of a prior file; every fault is an InputValueError naming ``source``.
+
+        Exactly the dataclass fields (a missing or unknown field is an error). Ints are JSON integers
+        (not bools, not 6.0) in [1, 2**31 - 1], num_holdout from 0, num_halves 1 or 2 (2 exactly when
+        cfg_scale > 1, as ``calibrate`` sets it); cfg_scale >= 1 and trend_eps > 0 finite numbers
+        (returned as float); sampler a non-empty printable string of at most 256 characters,
+        model_fingerprint a hex string (``model_fingerprint``'s); format_version == FORMAT_VERSION.
+        """
         if not isinstance(data, dict):
             raise InputValueError(f"{source}: prior metadata must be a JSON object, got {type(data).__name__}")
-        missing = [f for f in cls.__dataclass_fields__ if f not in data]
+        fields = cls.__dataclass_fields__
+        missing = [f for f in fields if f not in data]
         if missing:
             raise InputValueError(f"{source}: prior metadata lacks {', '.join(missing)}")
-        if data["format_version"] != FORMAT_VERSION:
-            raise InputValueError(f"{source}: prior format_version {data['format_version']} is not supported (expected {FORMAT_VERSION})")
+        unknown = [k for k in data if k not in fields]
+        if unknown:
+            raise InputValueError(f"{source}: prior metadata has unknown fields {_short(sorted(unknown))}")
+        version = data["format_version"]
+        if not _is_int(version) or version != FORMAT_VERSION:
+            raise InputValueError(f"{source}: prior format_version {_short(version)} is not supported (expected {FORMAT_VERSION})")
         for name in cls._INT_FIELDS:
-            if not isinstance(data[name], int) or isinstance(data[name], bool):
-                raise InputValueError(f"{source}: prior metadata field {name} must be an int, got {data[name]!r}")
+            value, low = data[name], 0 if name == "num_holdout" else 1
+            if not _is_int(value):
+                raise InputValueError(f"{source}: prior metadata field {name} must be an int, got {_short(value)}")
+            if not low <= value <= _MAX_COUNT:
+                raise InputValueError(f"{source}: prior metadata field {name} must lie in [{low}, {_MAX_COUNT}], got {_short(value)}")
+        values = {}
         for name in cls._FLOAT_FIELDS:
-            if not isinstance(data[name], (int, float)) or isinstance(data[name], bool):
-                raise InputValueError(f"{source}: prior metadata field {name} must be a number, got {data[name]!r}")
+            value = data[name]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise InputValueError(f"{source}: prior metadata field {name} must be a number, got {_short(value)}")
+            try:
+                values[name] = float(value)
+            except OverflowError:
+                values[name] = math.inf
+            if not math.isfinite(values[name]):
+                raise InputValueError(f"{source}: prior metadata field {name} must be finite, got {_short(value)}")
+        if not values["cfg_scale"] >= 1.0:
+            raise InputValueError(f"{source}: prior metadata field cfg_scale must be >= 1, got {data['cfg_scale']!r}")
+        if not values["trend_eps"] > 0.0:
+            raise InputValueError(f"{source}: prior metadata field trend_eps must be > 0, got {data['trend_eps']!r}")
+        halves = 2 if values["cfg_scale"] > 1.0 else 1
+        if data["num_halves"] != halves:
+            raise InputValueError(f"{source}: prior metadata field num_halves is {data['num_halves']}, but cfg_scale "
+                                  f"{values['cfg_scale']} means {halves}")
         for name in cls._STR_FIELDS:
-            if not isinstance(data[name], str):
-                raise InputValueError(f"{source}: prior metadata field {name} must be a string, got {data[name]!r}")
-        return cls(**{f: data[f] for f in cls.__dataclass_fields__})
+            value = data[name]
+            if not isinstance(value, str) or not value or len(value) > 256 or not value.isprintable():
+                raise InputValueError(f"{source}: prior metadata field {name} must be a non-empty printable string "
+                                      f"of at most 256 characters, got {_short(value)}")
+        if any(c not in "0123456789abcdef" for c in data["model_fingerprint"]):
+            raise InputValueError(f"{source}: prior metadata field model_fingerprint must be a lowercase hex string, "
+                                  f"got {_short(data['model_fingerprint'])}")
+        return cls(**{f: values.get(f, data[f]) for f in fields})
 
 
 class Prior:
@@ -133,14 +217,10 @@ class Prior:
                 f"sampler={m.sampler!r}, cfg_scale={m.cfg_scale}, samples={m.num_samples}, max_gap={m.max_gap})")
 
     def _check_shapes(self, source: str) -> None:
-        m = self.metadata
-        T, L, H, N, C, G = m.num_steps, m.num_blocks, m.num_halves, m.num_tokens, m.width, m.max_gap
-        expected = {"mean": (T, L, 2, H, N, C), "energy": (T, L, 2), "cross_extrap": (T, L, 2, G, G)}
         tensors = {"mean": self.mean, **self.stats}
-        for name in ("mean",) + STAT_NAMES:
+        for name, shape in _expected_shapes(self.metadata).items():
             if name not in tensors:
                 raise InputValueError(f"{source}: prior lacks the tensor {name!r}")
-            shape = expected.get(name, (T, L, 2, G))
             if tuple(tensors[name].shape) != shape:
                 raise InputValueError(f"{source}: prior tensor {name!r} has shape {list(tensors[name].shape)}, "
                                  f"the metadata says {list(shape)}")
@@ -201,54 +281,87 @@ class Prior:
 
     # ------------------------------------------------------------------ file format
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
-        """Write one safetensors file: ``mean`` in ``dtype`` (fp16, bf16 or fp32), fp32 statistics, JSON metadata."""
+        """Write one safetensors file: ``mean`` in ``dtype`` (fp16, bf16 or fp32), fp32 statistics, the fits,
+        JSON metadata and the checksum (module docstring). A prior that ``load`` would refuse is not
+        written (InputValueError), e.g. a NaN in the mean, or a mean that overflows ``dtype``."""
         from safetensors.torch import save_file
 
         names = {v: k for k, v in STORAGE_DTYPES.items()}
         if dtype not in names:
             raise InputValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype}")
-        tensors = {"mean": self.mean.to(dtype).contiguous()}
-        tensors.update({k: v.float().contiguous() for k, v in self.stats.items()})
+        path = os.fspath(path)
+        source = f"prior not saved to {path}"
+        tensors = {"mean": self.mean.detach().to("cpu", dtype).contiguous()}
+        tensors.update({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.stats.items()})
         for i, fit in enumerate(self.fits):
-            tensors[f"{_FIT_PREFIX}{i}.mask"] = fit.mask.to(torch.uint8).contiguous()
-            tensors[f"{_FIT_PREFIX}{i}.coef"] = fit.coef.float().contiguous()
-        metadata = {_META_KEY: json.dumps(self.metadata.__dict__),
-                    _FITS_KEY: json.dumps([fit.info for fit in self.fits])}
-        save_file(tensors, os.fspath(path), metadata=metadata)
+            tensors[f"{_FIT_PREFIX}{i}.mask"] = fit.mask.detach().to("cpu", torch.uint8).contiguous()
+            tensors[f"{_FIT_PREFIX}{i}.coef"] = fit.coef.detach().to("cpu", torch.float32).contiguous()
+        if self.mean.isfinite().all() and not tensors["mean"].isfinite().all():
+            raise InputValueError(f"{source}: the mean overflows {names[dtype]} (largest |value| "
+                                  f"{float(self.mean.abs().max()):.6g}); save it with dtype=torch.float32 or torch.bfloat16")
+        raw_meta = json.dumps(self.metadata.__dict__)
+        raw_fits = json.dumps([fit.info for fit in self.fits])
+        _validate(tensors, raw_meta, _parse_fit_infos(raw_fits, source), source)
+        metadata = {_META_KEY: raw_meta, _FITS_KEY: raw_fits, _CHECKSUM_KEY: _checksum(tensors, raw_meta, raw_fits)}
+        save_file(tensors, path, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Prior:
-        """Read and validate a prior file. Missing → FileNotFoundError; unreadable or inconsistent → ValueError."""
+        """Read and validate a prior file (module docstring). Missing → FileNotFoundError; anything else
+        wrong with it → one InputValueError (a ValueError) naming the file and the fault."""
         from safetensors import safe_open
 
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise InputFileNotFoundError(f"prior file not found: {path}")
+        if not os.path.isfile(path):  # a directory, a FIFO (opening it would block), a device
+            raise InputValueError(f"{path}: not a prior file (not a regular file)")
         try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                raw_meta = (f.metadata() or {}).get(_META_KEY)
-                raw_fits = (f.metadata() or {}).get(_FITS_KEY, "[]")
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
-            raise InputValueError(f"{path}: not a readable prior file ({type(exc).__name__}: {exc})") from None
-        if raw_meta is None:
-            raise InputValueError(f"{path}: safetensors file has no EOC prior metadata")
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise InputValueError(f"device must name a torch device, got {device!r}") from None
+
+        def unreadable(exc: BaseException) -> InputValueError:
+            return InputValueError(f"{path}: not a readable prior file ({type(exc).__name__}: {_one_line(exc)})")
+
+        # Only safetensors' own calls sit in these try blocks: it raises SafetensorError, OSError, and
+        # for some corrupt headers other types; each is the file's fault.
         try:
-            meta = PriorMetadata.from_dict(json.loads(raw_meta), path)
-        except json.JSONDecodeError as exc:
-            raise InputValueError(f"{path}: prior metadata is not valid JSON ({exc})") from None
-        mean = tensors.pop("mean", None)
-        if mean is None:
-            raise InputValueError(f"{path}: prior lacks the tensor 'mean'")
-        fits = _load_fits(tensors, raw_fits, path)
-        prior = cls.__new__(cls)
-        prior.mean, prior.stats, prior.metadata, prior.fits = mean, tensors, meta, []
-        prior._check_shapes(path)
-        for fit in fits:
+            handle = safe_open(path, framework="pt", device="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise unreadable(exc) from None
+        with handle:
             try:
-                prior.add_fit(fit)
-            except ValueError as exc:
-                raise InputValueError(f"{path}: {exc}") from None
+                metadata, names = handle.metadata() or {}, list(handle.keys())
+            except Exception as exc:  # noqa: BLE001
+                raise unreadable(exc) from None
+            if _META_KEY not in metadata:
+                raise InputValueError(f"{path}: safetensors file has no EOC prior metadata ({_META_KEY!r})")
+            unknown = sorted(set(metadata) - {_META_KEY, _FITS_KEY, _CHECKSUM_KEY})
+            if unknown:
+                raise InputValueError(f"{path}: unknown safetensors metadata keys {_short(unknown)} (a prior file has "
+                                      f"{_META_KEY!r}, {_FITS_KEY!r} and {_CHECKSUM_KEY!r})")
+            raw_meta, raw_fits = metadata[_META_KEY], metadata.get(_FITS_KEY, "[]")
+            infos = _parse_fit_infos(raw_fits, path)
+            _check_names(names, len(infos), path)  # before reading: no tensor outside the format is read
+            try:
+                tensors = {name: handle.get_tensor(name) for name in names}
+            except Exception as exc:  # noqa: BLE001
+                raise unreadable(exc) from None
+        if _CHECKSUM_KEY in metadata:
+            stored = metadata[_CHECKSUM_KEY]
+            if not (stored.startswith("sha256:") and len(stored) == 71 and all(c in "0123456789abcdef" for c in stored[7:])):
+                raise InputValueError(f"{path}: malformed {_CHECKSUM_KEY} {_short(stored)} (expected 'sha256:' and 64 hex digits)")
+            if _checksum(tensors, raw_meta, raw_fits) != stored:
+                raise InputValueError(f"{path}: checksum mismatch: the file is corrupted (its metadata or tensors "
+                                      f"changed after it was saved)")
+        meta, mean, stats, fits = _validate(tensors, raw_meta, infos, path)
+        prior = cls.__new__(cls)
+        try:
+            prior.mean, prior.stats = mean.to(device), {name: stats[name].to(device) for name in STAT_NAMES}
+        except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
+            raise InputValueError(f"{path}: cannot put the prior on device {device} ({_one_line(exc)})") from None
+        prior.metadata, prior.fits = meta, fits
         return prior
 
 
@@ -265,24 +378,176 @@ class CoefficientFit:
     info: dict
 
 
-def _load_fits(tensors: dict, raw_fits: str, path: str) -> list[CoefficientFit]:
-    """Pop the ``fit.<i>.mask`` / ``fit.<i>.coef`` tensors out of ``tensors``; pair them with their info."""
+# ---------------------------------------------------------------------- file validation
+def _checksum(tensors: dict[str, torch.Tensor], raw_meta: str, raw_fits: str) -> str:
+    """``"sha256:<hex>"`` of the two metadata strings and, in name order, each tensor's name, dtype, shape
+    and bytes (each piece length-prefixed, so no two contents hash alike by shifting a boundary)."""
+    digest = hashlib.sha256()
+
+    def add(piece) -> None:
+        digest.update(len(piece).to_bytes(8, "little"))
+        digest.update(piece)
+
+    add(raw_meta.encode("utf-8", "surrogatepass"))
+    add(raw_fits.encode("utf-8", "surrogatepass"))
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        add(json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]).encode())
+        add(tensor.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()
+
+
+
+def _unique_keys(pairs: list) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {_short(duplicate)}")
+    return result
+
+
+def _parse_json(text: str, what: str, limit: int, source: str):
+    if len(text) > limit:
+        raise InputValueError(f"{source}: {what} is {len(text)} characters long, more than the {limit} a prior file allows")
     try:
-        infos = json.loads(raw_fits)
-    except json.JSONDecodeError as exc:
-        raise InputValueError(f"{path}: fitted-coefficient metadata is not valid JSON ({exc})") from None
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise InputValueError(f"{source}: {what} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, a duplicate key, an int beyond Python's str conversion limit
+        raise InputValueError(f"{source}: {what} is not valid JSON ({_one_line(exc)})") from None
+
+
+def _depth_exceeds(value, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _parse_fit_infos(raw_fits: str, source: str) -> list[dict]:
+    infos = _parse_json(raw_fits, "fitted-coefficient metadata", _MAX_FITS_CHARS, source)
     if not isinstance(infos, list):
-        raise InputValueError(f"{path}: fitted-coefficient metadata must be a JSON list")
-    fits = []
+        raise InputValueError(f"{source}: fitted-coefficient metadata must be a JSON list, got {type(infos).__name__}")
     for i, info in enumerate(infos):
-        mask, coef = tensors.pop(f"{_FIT_PREFIX}{i}.mask", None), tensors.pop(f"{_FIT_PREFIX}{i}.coef", None)
-        if mask is None or coef is None:
-            raise InputValueError(f"{path}: fitted coefficients {i} lack their mask or coef tensor")
-        fits.append(CoefficientFit(mask.bool().cpu(), coef.float().cpu(), info))
-    stray = [name for name in tensors if name.startswith(_FIT_PREFIX)]
+        if not isinstance(info, dict):
+            raise InputValueError(f"{source}: fitted coefficients {i}: info must be a JSON object, got {_short(info)}")
+        if _depth_exceeds(info, _MAX_DEPTH):
+            raise InputValueError(f"{source}: fitted coefficients {i}: info is nested more than {_MAX_DEPTH} levels deep")
+    return infos
+
+
+def _check_names(names, num_fits: int, source: str) -> None:
+    """The tensors must be exactly mean, STAT_NAMES and fit.<i>.mask/coef for i < num_fits."""
+    names = set(names)
+    for name in ("mean",) + STAT_NAMES:
+        if name not in names:
+            raise InputValueError(f"{source}: prior lacks the tensor {name!r}")
+    fit_names = set()
+    for i in range(num_fits):
+        pair = {f"{_FIT_PREFIX}{i}.mask", f"{_FIT_PREFIX}{i}.coef"}
+        if not pair <= names:
+            raise InputValueError(f"{source}: fitted coefficients {i} lack their mask or coef tensor")
+        fit_names |= pair
+    unknown = sorted(names - {"mean", *STAT_NAMES} - fit_names)
+    stray = [name for name in unknown if name.startswith(_FIT_PREFIX)]
     if stray:
-        raise InputValueError(f"{path}: tensors {stray} belong to no fitted coefficients")
-    return fits
+        raise InputValueError(f"{source}: tensors {_short(stray)} belong to no fitted coefficients "
+                              f"(the metadata lists {num_fits})")
+    if unknown:
+        raise InputValueError(f"{source}: unknown tensors {_short(unknown)} (a prior holds mean, "
+                              f"{', '.join(STAT_NAMES)} and fit.<i>.mask/coef)")
+
+
+def _expected_shapes(meta: PriorMetadata) -> dict[str, tuple[int, ...]]:
+    T, L, H, N, C, G = meta.num_steps, meta.num_blocks, meta.num_halves, meta.num_tokens, meta.width, meta.max_gap
+    shapes = {"mean": (T, L, 2, H, N, C), "energy": (T, L, 2), "cross_extrap": (T, L, 2, G, G)}
+    return {name: shapes.get(name, (T, L, 2, G)) for name in ("mean",) + STAT_NAMES}
+
+
+def _first(bad: torch.Tensor) -> list[int]:
+    """The index of the first True of ``bad``."""
+    flat = int(bad.reshape(-1).to(torch.uint8).argmax())
+    return [int(i) for i in torch.unravel_index(torch.tensor(flat), bad.shape)]
+
+
+def _check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
+    bad = ~tensor.isfinite()
+    if bad.any():
+        raise InputValueError(f"{source}: prior tensor {name!r} holds {int(bad.sum())} non-finite values "
+                              f"(NaN or inf), the first at {_first(bad)}")
+
+
+def _undefined_stats(name: str, T: int, G: int) -> torch.Tensor | None:
+    """Where statistic ``name`` has no data (a gap reaching before step 0: NaN), broadcastable to its
+    shape; None for energy, defined everywhere (``calibration.StatAccumulator.finish``)."""
+    steps, gaps = torch.arange(T)[:, None], torch.arange(1, G + 1)[None, :]
+    if name == "energy":
+        return None
+    if name == "cross_extrap":
+        return ((steps[:, :, None] - gaps[:, :, None] - gaps[:, None, :]) < 0)[:, None, None]
+    return ((steps - gaps) < 0)[:, None, None]
+
+
+def _validate(tensors: dict, raw_meta: str, infos: list[dict], source: str):
+    """(metadata, mean, stats, fits) of a prior file's contents, or InputValueError naming ``source``."""
+    meta = PriorMetadata.from_dict(_parse_json(raw_meta, "prior metadata", _MAX_META_CHARS, source), source)
+    _check_names(tensors, len(infos), source)
+    shapes = _expected_shapes(meta)
+    mean = tensors["mean"]
+    if mean.dtype not in STORAGE_DTYPES.values():
+        raise InputValueError(f"{source}: prior tensor 'mean' has dtype {mean.dtype}, a prior stores it as one of "
+                              f"{list(STORAGE_DTYPES)}")
+    for name in STAT_NAMES:
+        if tensors[name].dtype != torch.float32:
+            raise InputValueError(f"{source}: prior tensor {name!r} has dtype {tensors[name].dtype}, the statistics are float32")
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise InputValueError(f"{source}: prior tensor {name!r} has shape {list(tensors[name].shape)}, "
+                                  f"the metadata says {list(shape)}")
+    _check_finite(mean, "mean", source)
+    stats = {}
+    for name in STAT_NAMES:
+        value = tensors[name]
+        undefined = _undefined_stats(name, meta.num_steps, meta.max_gap)
+        undefined = torch.zeros_like(value, dtype=torch.bool) if undefined is None else undefined.expand(value.shape)
+        isnan = value.isnan()
+        if (isnan & ~undefined).any():
+            raise InputValueError(f"{source}: prior statistic {name!r} is NaN at {_first(isnan & ~undefined)}, where it is defined")
+        if (undefined & ~isnan).any():
+            raise InputValueError(f"{source}: prior statistic {name!r} holds a number at {_first(undefined & ~isnan)}, "
+                                  f"where its gap reaches before step 0 (NaN by definition)")
+        if value.isinf().any():
+            raise InputValueError(f"{source}: prior statistic {name!r} is infinite at {_first(value.isinf())}")
+        if name in _SQUARED_STATS and (value < 0).any():
+            raise InputValueError(f"{source}: prior statistic {name!r} is negative at {_first(value < 0)}, "
+                                  f"but it is a squared norm")
+        stats[name] = value
+    fits = []
+    T, L = meta.num_steps, meta.num_blocks
+    for i, info in enumerate(infos):
+        mask, coef = tensors[f"{_FIT_PREFIX}{i}.mask"], tensors[f"{_FIT_PREFIX}{i}.coef"]
+        what = f"{source}: fitted coefficients {i}:"
+        if mask.dtype not in (torch.uint8, torch.bool) or coef.dtype != torch.float32:
+            raise InputValueError(f"{what} mask/coef dtypes {mask.dtype}/{coef.dtype}, the format has uint8 (or bool)/float32")
+        if tuple(mask.shape) != (T, L, 2) or tuple(coef.shape) != (T, L, 2, 3):
+            raise InputValueError(f"{what} shapes mask {list(mask.shape)} / coef {list(coef.shape)} do not match "
+                                  f"the prior's T = {T}, L = {L}")
+        if mask.dtype == torch.uint8 and (mask > 1).any():
+            raise InputValueError(f"{what} the mask holds {int(mask.max())}: a schedule mask is 0 (reuse) or 1 (compute)")
+        mask = mask.bool()
+        if not mask[0].all():
+            raise InputValueError(f"{what} the mask reuses at step 0 (at {[0] + _first(~mask[0])}): step 0 has nothing to reuse")
+        _check_finite(coef, f"{_FIT_PREFIX}{i}.coef", source)
+        earlier = next((j for j, fit in enumerate(fits) if torch.equal(fit.mask, mask)), None)
+        if earlier is not None:
+            raise InputValueError(f"{what} the same schedule mask as fitted coefficients {earlier}")
+        fits.append(CoefficientFit(mask, coef, info))
+    return meta, mean, stats, fits
 
 
 def delta_and_trend(a_t: torch.Tensor, a_s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -593,3 +593,45 @@ def test_statistics_pass_holds_a_window_not_the_run(model, monkeypatch):
     assert len(seen) == 2 * steps * 3 * 2  # two held-out runs, every (step, block, branch)
     assert set(largest) == {(l, k) for l in range(3) for k in range(2)}
     assert max(largest.values()) <= 2 * max_gap + 1 < steps
+
+
+# ------------------------------------------------------------------------------------ checksum, strictness
+# (the corruption fuzzing is in test_prior_fuzz.py)
+def test_save_writes_a_checksum_that_load_verifies(prior, tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "prior.safetensors"
+    prior.save(path)
+    with safe_open(os.fspath(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert set(metadata) == {"eoc_prior", "eoc_fits", "eoc_checksum"} and metadata["eoc_checksum"].startswith("sha256:")
+    loaded = Prior.load(path)
+    tensors = tensors_of(loaded)
+    tensors["mean"] = tensors["mean"].clone()
+    tensors["mean"].view(-1)[7] += 1  # a finite change: only the checksum can tell
+    save_file(tensors, os.fspath(path), metadata=metadata)
+    with pytest.raises(ValueError, match="checksum") as excinfo:
+        Prior.load(path)
+    assert_one_line_naming(excinfo, path)
+
+
+def test_load_rejects_unknown_fields_and_non_files(prior, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    write_with_meta(prior, path, {**prior.metadata.__dict__, "comment": "hi"})
+    with pytest.raises(ValueError, match="unknown fields") as excinfo:
+        Prior.load(path)
+    assert_one_line_naming(excinfo, path)
+    with pytest.raises(ValueError, match="not a regular file") as excinfo:
+        Prior.load(tmp_path)  # a directory is not a missing file
+    assert not isinstance(excinfo.value, FileNotFoundError)
+
+
+def test_load_rejects_nan_where_a_statistic_is_defined(prior, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    tensors = tensors_of(prior)
+    tensors["err_plain"] = tensors["err_plain"].clone()
+    tensors["err_plain"][STEPS - 1, 0, 0, 0] = math.nan
+    write_with_meta(prior, path, prior.metadata.__dict__, tensors)
+    with pytest.raises(ValueError, match="'err_plain' is NaN at \\[5, 0, 0, 0\\]") as excinfo:
+        Prior.load(path)
+    assert_one_line_naming(excinfo, path)
