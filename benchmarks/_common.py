@@ -4,7 +4,7 @@
 - timing: a timer that synchronizes CUDA around the timed calls, and the tiny slowdown hook used only
   by the regression demo of benchmarks/README.md;
 - bytes moved by an op, GB/s, and the measured copy bandwidth they are compared with;
-- random inputs of the three ops (DESIGN §3) at any shape, dtype and set of correction terms;
+- random inputs of the three ops (docs/DESIGN.md §3) at any shape, dtype and set of correction terms;
 - random-weight DiTs at DiT-XL/2 shapes (GPU) or testbed shapes (CPU), and a driver that repeats a
   forward at a reuse step of a patched model (steps announced with announce_step, as in
   eager_step_cost.py).
@@ -183,11 +183,11 @@ def copy_bandwidth(device, *, nbytes: int | None = None, repeats: int = 10) -> f
 
 
 # ----------------------------------------------------------------------------------------------
-# Op inputs (DESIGN §3)
+# Op inputs (docs/DESIGN.md §3)
 # ----------------------------------------------------------------------------------------------
 
 #: Correction presets of the kernel benchmarks: which terms are given. "extrapolate" is the FORA +
-#: EOC-extrapolate case (Cp only, the case of DESIGN §6), "all" every term.
+#: EOC-extrapolate case (Cp only, the case of docs/DESIGN.md §6), "all" every term.
 CORRECTIONS = {"plain": (), "extrapolate": ("prev",), "all": ("delta", "prev", "trend")}
 ALL_TERMS = ("delta", "prev", "trend")
 COEF = {"delta": 0.8, "prev": 0.6, "trend": -0.5}  # alpha, beta, gamma of a term that is on
@@ -333,7 +333,7 @@ def make_case(op: str, batch: int, tokens: int, channels: int, dtype, device, *,
 # Models
 # ----------------------------------------------------------------------------------------------
 
-#: DiT-XL/2 at 256x256 (32x32 latents): N = 256 tokens, C = 1152, 28 blocks (DESIGN §6).
+#: DiT-XL/2 at 256x256 (32x32 latents): N = 256 tokens, C = 1152, 28 blocks (docs/DESIGN.md §6).
 XL_SHAPES = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  num_classes=1000, learn_sigma=True)
 #: The testbed's architecture (eoc_dit.testbed.train.TrainConfig): 49 tokens, C = 256, 6 blocks.

@@ -1,4 +1,4 @@
-"""Kernel microbenchmarks: every op × backend × batch × dtype × correction preset (DESIGN §3).
+"""Kernel microbenchmarks: every op × backend × batch × dtype × correction preset (docs/DESIGN.md §3).
 
 Each records bytes moved (the minimum: every input the op must read once, the output written once),
 GB/s, its share of the copy bandwidth measured in the same session (floor_ms: bytes ÷ that bandwidth)
@@ -18,7 +18,7 @@ from benchmarks.conftest import DEVICE, ON_CUDA, backend_skip_reason
 TOKENS, CHANNELS, SEGMENT_BLOCKS, BATCHES = (256, 1152, 28, (2, 16, 64)) if ON_CUDA else (256, 384, 4, (2, 8))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BACKENDS = ("torch", "triton", "compile")
-# torch.compile costs seconds per shape: it is timed on the case DESIGN §6 quotes only.
+# torch.compile costs seconds per shape: it is timed on the case docs/DESIGN.md §6 quotes only.
 COMPILED = {"op": "cached_block", "dtype": "bf16", "correction": "extrapolate"}
 
 

@@ -1,4 +1,4 @@
-"""The cached step: one model forward at a reuse step, plain reuse vs EOC, eager vs fused (DESIGN §3, §6).
+"""The cached step: one model forward at a reuse step, plain reuse vs EOC, eager vs fused (docs/DESIGN.md §3, §6).
 
 A patched model serves a step that reuses every block as one gate matmul plus one ``cached_segment``
 — what a FORA cached step is. Timed: a forward at such a step (common.ReuseStep: a 4-step run

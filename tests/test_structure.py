@@ -1,4 +1,4 @@
-"""The architecture as a test (DESIGN §5): dependencies point one way, and no import circle exists,
+"""The architecture as a test (docs/DESIGN.md §5): dependencies point one way, and no import circle exists,
 lazy (function-level) imports included.
 
 The import graph is read from the source with ``ast``: every ``import``/``from ... import`` of a

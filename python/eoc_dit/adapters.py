@@ -1,4 +1,4 @@
-"""Block adapters: how the EOC engine reaches into one DiT-style model (DESIGN §4).
+"""Block adapters: how the EOC engine reaches into one DiT-style model (docs/DESIGN.md §4).
 
 The engine never hard-codes a model. It needs, per model, where the transformer blocks are and which
 forward argument is the timestep; per block, the gates and the two branches of the adaLN-Zero block:

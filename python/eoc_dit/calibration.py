@@ -1,4 +1,4 @@
-"""Calibration: the EOC prior extracted from uncached sampling runs (DESIGN §2 "Prior").
+"""Calibration: the EOC prior extracted from uncached sampling runs (docs/DESIGN.md §2 "Prior").
 
 ``calibrate`` runs the uncached sampler over (label, seed) pairs with observers on every computed
 branch output, in two streamed passes:

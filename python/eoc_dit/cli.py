@@ -1,4 +1,4 @@
-"""The ``eoc`` command line (DESIGN §4).
+"""The ``eoc`` command line (docs/DESIGN.md §4).
 
 ``demo`` and ``evaluate`` run caching methods on the shipped testbed; ``calibrate`` extracts a
 prior, ``fit`` fits the calibrated mode's coefficients into it, ``sample`` samples with caching and

@@ -1,4 +1,4 @@
-"""EOC correction settings (DESIGN §2 "Correction" and "Judgment").
+"""EOC correction settings (docs/DESIGN.md §2 "Correction" and "Judgment").
 
 One formula covers every preset: F̂ = Cc + α·D + β·(Cc − Cp) + γ·(Cc ⊙ E), with Cc / Cp this run's
 features at the source step s and the compute step p before it, D = A[t] − A[s] the prior's delta and
@@ -23,7 +23,7 @@ from .errors import InputTypeError, InputValueError
 
 MODES = ("trend", "delta", "extrapolate", "calibrated")
 PRIOR_MODES = ("trend", "delta", "calibrated")
-# θ when none is given: the values of the feasibility probe in DESIGN §2.
+# θ when none is given: the values of the feasibility probe in docs/DESIGN.md §2.
 DEFAULT_THETA = {"trend": 0.2, "delta": 1.0, "extrapolate": 1.0}
 BACKENDS = ("auto",) + eoc_kernels.dispatch.BACKENDS
 

@@ -1,4 +1,4 @@
-"""The feature cache of a patched model: one stacked buffer of computed branch outputs (DESIGN §3, §7).
+"""The feature cache of a patched model: one stacked buffer of computed branch outputs (docs/DESIGN.md §3, §7).
 
 The buffer is [G, L, 2, B, N, C] (generation, block, branch, then the branch output's own shape):
 a computing branch writes its output (before the gate) straight into its slot, from its last

@@ -1,4 +1,4 @@
-"""Closed-loop fitting of the EOC coefficients for one schedule (the "calibrated" mode, DESIGN §2).
+"""Closed-loop fitting of the EOC coefficients for one schedule (the "calibrated" mode, docs/DESIGN.md §2).
 
 Open-loop fits (on uncached features) lost to plain extrapolation in the feasibility probe, because
 the cached trajectory drifts away from the uncached one. So the fit follows the cached trajectory:

@@ -1,5 +1,5 @@
 """Patching a DiT for cached sampling with the EOC correction: the hook installer and step clock
-(DESIGN §4 and §7).
+(docs/DESIGN.md §4 and §7).
 
 ``apply_eoc(model, schedule, prior, config)`` replaces the forward of the model and of each block.
 Three parts, each with one job:
@@ -24,9 +24,10 @@ weights.
 
 from __future__ import annotations
 
-import eoc_kernels
 import torch
 from torch import nn
+
+import eoc_kernels
 
 from .adapters import DiTAdapter, ModelAdapter
 from .config import EOCConfig

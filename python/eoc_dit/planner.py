@@ -1,4 +1,4 @@
-"""The planner: what every (step, block, branch) entry of a cached run does (DESIGN §2 and §7).
+"""The planner: what every (step, block, branch) entry of a cached run does (docs/DESIGN.md §2 and §7).
 
 A pure function of (schedule mask, correction settings, prior): no model, no device, no state.
 :func:`make_plan` turns them into a :class:`Plan` that says, for every entry,
@@ -134,7 +134,7 @@ class Plan:
 
 def judge(prior: Prior, config: EOCConfig, step: int, source: int, previous: int | None, block: int, branch: int,
           coef: tuple[float, float, float]) -> tuple[float, float, float]:
-    """Offline judgment (DESIGN §2, level 1) on the prior's held-out calibration statistics: ``coef``
+    """Offline judgment (docs/DESIGN.md §2, level 1) on the prior's held-out calibration statistics: ``coef``
     where plain reuse's relative error exceeds ``judge_threshold`` and the correction lowers the error
     by at least ``min_gain`` (None: no gain test), else zeros."""
     plain = prior.plain_error(step, source, block, branch)

@@ -1,4 +1,4 @@
-"""The EOC prior: its contents, its file format and the error statistics of the judgment (DESIGN §2 "Prior").
+"""The EOC prior: its contents, its file format and the error statistics of the judgment (docs/DESIGN.md §2 "Prior").
 
 A :class:`Prior` holds what uncached calibration runs (``calibration.calibrate``) measured:
 

@@ -1,4 +1,4 @@
-"""The prior's correction terms on the device (DESIGN §2 "Correction"): D = A[t] − A[s] and
+"""The prior's correction terms on the device (docs/DESIGN.md §2 "Correction"): D = A[t] − A[s] and
 E = clamp(D / (|A[s]| + eps), −1, 1), built from the prior's means where the run happens.
 
 Each term is built once, only for the entries whose coefficient of that term is non-zero, and

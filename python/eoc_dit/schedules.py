@@ -1,4 +1,4 @@
-"""Caching schedules (DESIGN §2 "Schedule"): which (step, block, branch) entries compute and which reuse.
+"""Caching schedules (docs/DESIGN.md §2 "Schedule"): which (step, block, branch) entries compute and which reuse.
 
 A schedule turns into a boolean mask S[T, L, 2] (True = compute; branch 0 = attention, 1 = MLP).
 Step 0 always computes. For a reuse entry the source step is the latest earlier step that computed

@@ -22,7 +22,6 @@ from eoc_dit.cli import _int_list, build_parser, main
 from eoc_dit.errors import InputFileNotFoundError, InputTypeError, InputValueError
 from eoc_dit.images import image_grid
 from eoc_dit.testbed import ASSETS
-
 from tests.eoc_dit.test_images import decode_png
 from tests.eoc_dit.test_testbed import write_idx
 

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from eoc_dit import (DDIMSampler, EOCConfig, FORASchedule, Prior, apply_eoc, calibrate, fit_coefficients,
-                     noise_for_seed)
+from eoc_dit import DDIMSampler, EOCConfig, FORASchedule, Prior, apply_eoc, calibrate, fit_coefficients, noise_for_seed
 from eoc_dit.fitting import TERMS
 from eoc_dit.prior import CoefficientFit
 from tests.eoc_dit.tiny import make_tiny_dit

@@ -1,4 +1,4 @@
-"""How a patched model serves a cached step (DESIGN §3): one gate matmul and one segment pass per run
+"""How a patched model serves a cached step (docs/DESIGN.md §3): one gate matmul and one segment pass per run
 of reused blocks, branch outputs written straight into the cache buffer, backends interchangeable."""
 
 import dataclasses

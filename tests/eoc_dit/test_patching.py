@@ -1,14 +1,23 @@
-"""apply_eoc / remove_eoc against independent hand-written caching loops (DESIGN §2, §4)."""
+"""apply_eoc / remove_eoc against independent hand-written caching loops (docs/DESIGN.md §2, §4)."""
 
 import pytest
 import torch
-from tests.eoc_dit.tiny import make_tiny_dit
 
-from eoc_dit import (DDIMSampler, DDPMSampler, EOCConfig, FORASchedule, MaskSchedule, apply_eoc, calibrate,
-                     noise_for_seed, remove_eoc)
+from eoc_dit import (
+    DDIMSampler,
+    DDPMSampler,
+    EOCConfig,
+    FORASchedule,
+    MaskSchedule,
+    apply_eoc,
+    calibrate,
+    noise_for_seed,
+    remove_eoc,
+)
 from eoc_dit.models import modulate
 from eoc_dit.prior import Prior
 from eoc_dit.schedules import Schedule
+from tests.eoc_dit.tiny import make_tiny_dit
 
 STEPS = 9
 

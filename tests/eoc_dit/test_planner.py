@@ -1,4 +1,4 @@
-"""The planner on its own: no model, no device (DESIGN §2, §7).
+"""The planner on its own: no model, no device (docs/DESIGN.md §2, §7).
 
 Property tests on random masks: every reuse entry has a valid source (and previous) step, and
 simulating the plan's writes into cache generations shows that no entry ever reads a slot before it
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from eoc_dit import EOCConfig
 from eoc_dit.planner import make_plan
 from eoc_dit.prior import CoefficientFit
+
 
 @st.composite
 def masks(draw):

@@ -1,4 +1,4 @@
-"""calibrate / Prior against a brute-force recomputation from recorded features (DESIGN §2 "Prior",
+"""calibrate / Prior against a brute-force recomputation from recorded features (docs/DESIGN.md §2 "Prior",
 "Judgment"), the prior file format and its validation, and calibrate's argument checks."""
 
 import json
@@ -9,13 +9,22 @@ from dataclasses import dataclass
 import pytest
 import torch
 from safetensors.torch import save_file
-from tests.eoc_dit.tiny import make_tiny_dit
 
 import eoc_dit.calibration as calibration_module
 import eoc_dit.prior as prior_module
-from eoc_dit import (DDIMSampler, DiT, EOCConfig, FORASchedule, Prior, apply_eoc, calibrate, model_fingerprint,
-                     noise_for_seed)
+from eoc_dit import (
+    DDIMSampler,
+    DiT,
+    EOCConfig,
+    FORASchedule,
+    Prior,
+    apply_eoc,
+    calibrate,
+    model_fingerprint,
+    noise_for_seed,
+)
 from eoc_dit.prior import STAT_NAMES
+from tests.eoc_dit.tiny import make_tiny_dit
 
 STEPS = 6
 LABELS = [0, 1, 3]

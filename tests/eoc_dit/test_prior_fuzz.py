@@ -35,14 +35,15 @@ import time
 import zipfile
 from pathlib import Path
 
-import eoc_dit.prior as prior_module
 import pytest
 import torch
-from eoc_dit.errors import InputValueError
-from eoc_dit.prior import STAT_NAMES, CoefficientFit, Prior, PriorMetadata
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_bytes
+
+import eoc_dit.prior as prior_module
+from eoc_dit.errors import InputValueError
+from eoc_dit.prior import STAT_NAMES, CoefficientFit, Prior, PriorMetadata
 
 COUNTS: collections.Counter = collections.Counter()
 T, L, H, N, C, G = 4, 2, 2, 3, 4, 2

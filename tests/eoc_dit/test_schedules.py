@@ -1,4 +1,4 @@
-"""FORA and mask schedules, source steps and EOCConfig presets (DESIGN §2)."""
+"""FORA and mask schedules, source steps and EOCConfig presets (docs/DESIGN.md §2)."""
 
 import pytest
 import torch

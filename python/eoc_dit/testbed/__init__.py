@@ -5,7 +5,7 @@ quality can be judged on a real, trained model, with the metrics to judge it:
 - ``psnr(images, reference)`` and ``fd(images_a, images_b)``: fidelity of a caching method, measured
   against the uncached samples from the same noise (the targets);
 - ``fd_to_data(images)`` (against the shipped test-split statistics) and
-  ``classifier_accuracy(images, labels)``: reported, but not fidelity targets (DESIGN §2).
+  ``classifier_accuracy(images, labels)``: reported, but not fidelity targets (docs/DESIGN.md §2).
 
 Images are [B, 1, 28, 28] in [-1, 1].
 """

@@ -4,7 +4,7 @@ uncached samples from the same noise.
 Evaluation noise uses seeds from ``EVAL_SEED_BASE`` up (the second evaluation seed set from
 ``EVAL_SEED_BASE_2`` up), disjoint from every seed the shipped prior and fits were made on.
 Fidelity (the targets): PSNR against the uncached sample from the same noise and FD-to-uncached;
-FD-to-data and classifier accuracy are reported too (DESIGN §2 explains why FD-to-data is not a
+FD-to-data and classifier accuracy are reported too (docs/DESIGN.md §4.7 says why FD-to-data is not a
 fidelity target). Wall times and speedups are measured in the same run.
 """
 
