@@ -12,9 +12,18 @@ import triton.language as tl
 
 from .. import reference
 from . import _common
-from ._common import (_corrected_feature, _row_offsets, branch_launch_args, check_runnable,
-                      coef_of, pick_blocks, register_reference_autograd, split_coef,
-                      split_threshold, threshold_of)
+from ._common import (
+    _corrected_feature,
+    _row_offsets,
+    branch_launch_args,
+    check_runnable,
+    coef_of,
+    pick_blocks,
+    register_reference_autograd,
+    split_coef,
+    split_threshold,
+    threshold_of,
+)
 
 
 @triton.jit

@@ -18,8 +18,15 @@ import triton.language as tl
 
 from .. import reference
 from . import _common
-from ._common import (_corrected_feature, _row_offsets, check_runnable, pick_blocks,
-                      register_reference_autograd, split_threshold, threshold_of)
+from ._common import (
+    _corrected_feature,
+    _row_offsets,
+    check_runnable,
+    pick_blocks,
+    register_reference_autograd,
+    split_threshold,
+    threshold_of,
+)
 
 
 @triton.jit

@@ -14,9 +14,8 @@ Examples are drawn afresh on every run (no example database is written); a failu
 blob that reproduces it (``@reproduce_failure``).
 """
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import eoc_kernels
 from eoc_kernels import reference
@@ -24,6 +23,10 @@ from eoc_kernels import reference
 from ..conftest import TOLERANCES
 from .naive import DTYPES, naive_scores
 from .triton_setup import DEVICE, NEEDS_TRITON_DEVICE, poisoned_outputs
+
+pytest.importorskip("hypothesis", reason="property tests need hypothesis (a dev dependency)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = NEEDS_TRITON_DEVICE
 

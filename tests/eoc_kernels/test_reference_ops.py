@@ -11,8 +11,17 @@ import torch
 
 from eoc_kernels import reference
 
-from .naive import (ALL_TERMS, DTYPES, assert_matches_naive, check_random_case, random_branch,
-                    run_block, run_branch, run_op, splitting_threshold)
+from .naive import (
+    ALL_TERMS,
+    DTYPES,
+    assert_matches_naive,
+    check_random_case,
+    random_branch,
+    run_block,
+    run_branch,
+    run_op,
+    splitting_threshold,
+)
 
 SHAPES = [(1, 49, 123), (2, 49, 123), (3, 4, 1152), (4, 7, 8)]
 HEAD_CASES = [(shape, heads) for shape in SHAPES for heads in sorted({1, 2, shape[0]})

@@ -10,8 +10,7 @@ import torch
 
 from eoc_kernels import cached_block, cached_segment
 
-from .naive import (DTYPES, assert_matches_naive, random_segment, run_segment,
-                    segment_threshold)
+from .naive import DTYPES, assert_matches_naive, random_segment, run_segment, segment_threshold
 
 SEGMENT_SHAPES = [(1, 49, 123), (2, 7, 1152), (3, 5, 8), (4, 7, 8)]
 TERM_CASES = [(), ("delta",), ("trend",), ("delta", "trend")]

@@ -15,11 +15,20 @@ import torch
 import eoc_kernels
 from eoc_kernels import cached_block, cached_branch, cached_segment, reference
 
-from .naive import (ALL_TERMS, DTYPES, assert_matches_naive, check_random_case, naive_output,
-                    random_branch, random_segment, run_op, run_segment, segment_threshold,
-                    splitting_threshold)
+from .naive import (
+    ALL_TERMS,
+    DTYPES,
+    assert_matches_naive,
+    check_random_case,
+    naive_output,
+    random_branch,
+    random_segment,
+    run_op,
+    run_segment,
+    segment_threshold,
+    splitting_threshold,
+)
 from .test_segment import TERM_CASES, check_segment_case
-
 from .triton_setup import NEEDS_INTERPRETER, triton_backend
 from .triton_setup import poisoned_outputs as poisoned_output_buffers
 
