@@ -310,12 +310,12 @@ def make_case(op: str, batch: int, tokens: int, channels: int, dtype, device, *,
     else:
         cache = current[None]  # [1, S, 2, B, N, C]
 
-    def stacked(term):
+    def stacked(term, entries):
         if term not in terms:
             return None
         return torch.stack([torch.stack([e[term] for e in pair]) for pair in entries])  # [S, 2, H, N, C]
 
-    delta, trend = move(stacked("delta")), move(stacked("trend"))
+    delta, trend = move(stacked("delta", entries)), move(stacked("trend", entries))
     coef_t = torch.tensor(coef, dtype=torch.float32, device=device).expand(blocks, 2, 3).contiguous() if terms else None
     cache, gates = move(cache), move(gates)
     del current, entries

@@ -56,7 +56,8 @@ def main() -> None:
         schedule = FORASchedule(n)
         lines.append(f"| {n} | plain reuse | {judged(schedule)} | — |")
         for theta in (0.5, 1.0):
-            lines.append(f"| {n} | extrapolate θ={theta} | {judged(schedule, base, EOCConfig(mode='extrapolate', theta=theta))} | — |")
+            lines.append(f"| {n} | extrapolate θ={theta} | "
+                         f"{judged(schedule, base, EOCConfig(mode='extrapolate', theta=theta))} | — |")
         for name, options in VARIANTS.items():
             fit = fit_coefficients(model, sampler, schedule, base, range(10), FIT_SEEDS, tune_seeds=TUNE_SEEDS,
                                    progress=False, **options)

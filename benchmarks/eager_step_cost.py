@@ -62,7 +62,8 @@ def main() -> None:
     with torch.no_grad():
         results["full step (uncached)"] = common.time_call(lambda: model(x, timesteps[0], y), device,
                                                            repeats=args.repeats, warmup=0) * 1e3
-        variants = [("cached step, plain reuse", None, None), ("cached step + EOC extrapolate", EOCConfig(mode="extrapolate"), None),
+        variants = [("cached step, plain reuse", None, None),
+                    ("cached step + EOC extrapolate", EOCConfig(mode="extrapolate"), None),
                     ("cached step + EOC delta", EOCConfig(mode="delta", min_gain=None), prior),
                     ("cached step + EOC trend", EOCConfig(mode="trend", min_gain=None), prior)]
         for name, config, variant_prior in variants:
@@ -81,7 +82,8 @@ def main() -> None:
 
     full = results["full step (uncached)"]
     env = common.environment(device)
-    header = (f"# Eager step cost — {args.model} ({model.num_tokens} tokens, width {model.hidden_size}, {model.depth} blocks), "
+    header = (f"# Eager step cost — {args.model} ({model.num_tokens} tokens, width {model.hidden_size}, "
+              f"{model.depth} blocks), "
               f"batch {args.batch} with CFG ({rows} rows), fp32\n\n"
               f"device: {env['device']} · torch {env['torch']} · "
               f"commit {env['commit']} · {datetime.date.today().isoformat()} · median of {args.repeats}\n\n"

@@ -45,7 +45,7 @@ def slabs(plan) -> tuple[int, int]:
     """(before, after): [H, N, C] slabs of prior terms held on the device for ``plan``."""
     before = after = 0
     seen = set()
-    for (t, l, k), entry in plan.entries.items():
+    for (t, l, _k), entry in plan.entries.items():
         segment = plan.segment(t, l)
         if segment is None:  # a half-reused block: per-entry tensors
             used = [term for term in (DELTA, TREND) if entry.coef[term] != 0.0]
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
     slab = H * N * C * BYTES
-    lines = ["| steps | schedule | mode | reuse entries | before GiB | after GiB | ratio |", "|---|---|---|---|---|---|---|"]
+    lines = ["| steps | schedule | mode | reuse entries | before GiB | after GiB | ratio |",
+             "|---|---|---|---|---|---|---|"]
     for steps in args.steps:
         prior = meta_prior(steps)
         for interval in (2, 3, 4):
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    header = (f"Commit {commit}, {datetime.date.today().isoformat()}. Device memory of the prior terms of a patched DiT-XL/2 (L={L}, N={N}, C={C}, CFG so H={H}, bf16: "
+    header = (f"Commit {commit}, {datetime.date.today().isoformat()}. Device memory of the prior terms of a patched "
+              f"DiT-XL/2 (L={L}, N={N}, C={C}, CFG so H={H}, bf16: "
               f"{slab / 2**20:.2f} MiB per [H, N, C] slab), from shapes (`benchmarks/prior_term_memory.py`); "
               "no judgment (every reuse entry corrected).")
     print(header + "\n\n" + table)

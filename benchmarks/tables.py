@@ -68,7 +68,8 @@ def step_table(benches) -> str:
     shapes = first["shapes"]
     rows = sorted(benches, key=lambda b: (b["extra_info"]["rows"], b["extra_info"]["variant"] != "full step (uncached)",
                                           b["extra_info"]["variant"], KERNEL_ORDER.get(b["extra_info"]["backend"], 9)))
-    head = (f"#### One step — {first['model']} (N={shapes['N']}, C={shapes['C']}, {shapes['L']} blocks), {first['dtype']}; "
+    head = (f"#### One step — {first['model']} (N={shapes['N']}, C={shapes['C']}, {shapes['L']} blocks), "
+            f"{first['dtype']}; "
             "cached = a step reusing every block (one gate matmul + one cached_segment)\n")
     return head + "\n" + _table(
         ["rows", "variant", "backend", "median ms", "ratio to full step", "speedup vs eager"],
@@ -82,13 +83,15 @@ def sampling_table(benches) -> str:
     shapes = first["shapes"]
     rows = sorted(benches, key=lambda b: (b["extra_info"]["variant"] != "uncached", b["extra_info"]["variant"],
                                           KERNEL_ORDER.get(b["extra_info"]["backend"], 9)))
-    head = (f"#### Sampling — {first['model']} (N={shapes['N']}, C={shapes['C']}, {shapes['L']} blocks), {first['dtype']}, "
+    head = (f"#### Sampling — {first['model']} (N={shapes['N']}, C={shapes['C']}, {shapes['L']} blocks), "
+            f"{first['dtype']}, "
             f"{first['sampler'].upper()}-{first['steps']}, {first['images']} images with CFG {first['cfg_scale']:g} "
             f"({first['rows']} rows)\n")
     return head + "\n" + _table(
         ["variant", "backend", "steps computing", "median ms", "speedup vs uncached", "ideal", "% of ideal"],
         [[e["variant"], e["backend"] or "—", e["full_steps"], _fmt(_median(b) * 1e3, ".1f"),
-          _fmt(e.get("speedup_vs_uncached"), ".2f"), _fmt(e.get("ideal_speedup"), ".2f"), _fmt(e.get("pct_of_ideal"), ".0f")]
+          _fmt(e.get("speedup_vs_uncached"), ".2f"), _fmt(e.get("ideal_speedup"), ".2f"),
+          _fmt(e.get("pct_of_ideal"), ".0f")]
          for b in rows for e in [b["extra_info"]]])
 
 

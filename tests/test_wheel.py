@@ -114,7 +114,8 @@ def test_wheel_installs_every_package_and_the_testbed_assets(wheel_venv):
     info = json.loads(_run([str(bin_dir / "python"), "-c", PROBE], env=env, cwd=str(venv)).stdout)
     for key in ("eoc_dit", "eoc_kernels", "assets"):
         assert _inside(info[key], str(venv)), f"{key} resolves to {info[key]}, not inside the new venv {venv}"
-        assert not _inside(info[key], os.path.join(REPO, "python")) and not _inside(info[key], os.path.join(REPO, "eoc_kernels"))
+        assert (not _inside(info[key], os.path.join(REPO, "python"))
+                and not _inside(info[key], os.path.join(REPO, "eoc_kernels")))
     # The borrowed site-packages' own .pth files were not processed: no editable finder, nothing from the source tree.
     assert not any("Editable" in name for name in info["meta_path"]), info["meta_path"]
     assert not any(name.startswith("__editable__") for name in info["modules"])

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockAdapter", "DiTAdapter", "DiTBlockAdapter", "ModelAdapter", "EOCConfig", "DDIMSampler", "DDPMSampler",
-    "DiT", "DiT_models", "load_dit", "fit_coefficients", "CoefficientFit", "EOCHandle", "apply_eoc", "remove_eoc", "Prior", "calibrate",
+    "DiT", "DiT_models", "load_dit", "fit_coefficients", "CoefficientFit", "EOCHandle", "apply_eoc", "remove_eoc",
+    "Prior", "calibrate",
     "model_fingerprint", "noise_for_seed", "FORASchedule", "MaskSchedule",
 ]

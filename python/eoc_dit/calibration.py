@@ -40,7 +40,8 @@ def _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, hol
         if not hasattr(model, attr):
             raise InputTypeError(f"model must expose .{attr} (the noise shape of a sample)")
     if not hasattr(sampler, "sample") or not hasattr(sampler, "num_steps"):
-        raise InputTypeError(f"sampler must be an eoc_dit sampler (DDIMSampler, DDPMSampler), got {type(sampler).__name__}")
+        raise InputTypeError(f"sampler must be an eoc_dit sampler (DDIMSampler, DDPMSampler), "
+                             f"got {type(sampler).__name__}")
     for name, values in (("labels", labels), ("seeds", seeds)):
         values = list(values)
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -48,13 +49,15 @@ def _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, hol
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and not all(0 <= v < num_classes for v in labels):
         raise InputValueError(f"labels must lie in [0, {num_classes}), got {sorted(set(labels))}")
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not (math.isfinite(cfg_scale) and cfg_scale >= 1.0):
+    if (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float))
+            or not (math.isfinite(cfg_scale) and cfg_scale >= 1.0)):
         raise InputValueError(f"cfg_scale must be a finite number >= 1.0, got {cfg_scale!r}")
     if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 1:
         raise InputValueError(f"max_gap must be an int >= 1, got {max_gap!r}")
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout < 1.0:
         raise InputValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
-    if isinstance(trend_eps, bool) or not isinstance(trend_eps, (int, float)) or not (math.isfinite(trend_eps) and trend_eps > 0):
+    if (isinstance(trend_eps, bool) or not isinstance(trend_eps, (int, float))
+            or not (math.isfinite(trend_eps) and trend_eps > 0)):
         raise InputValueError(f"trend_eps must be a finite number > 0, got {trend_eps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -90,7 +93,8 @@ class StatAccumulator:
 
     def __call__(self, step, block, branch, feature):
         H = self.num_halves
-        f_t = feature.detach().to(torch.float32, copy=True).view(H, -1, *feature.shape[1:])  # [H, B, N, C]; the slot is reused
+        # [H, B, N, C]; the slot is reused
+        f_t = feature.detach().to(torch.float32, copy=True).view(H, -1, *feature.shape[1:])
         window = self.window.setdefault((block, branch), {})
         if step == 0:
             window.clear()
@@ -101,7 +105,8 @@ class StatAccumulator:
             source = step - gap
             f_s = window[source]
             diff = f_t - f_s
-            delta, trend = delta_and_trend(self.mean[step, block, branch], self.mean[source, block, branch], self.trend_eps)
+            delta, trend = delta_and_trend(self.mean[step, block, branch], self.mean[source, block, branch],
+                                           self.trend_eps)
             f_s_trend = f_s * trend[:, None]
             index = (step, block, branch, gap - 1)
             sums["err_plain"][index] += per_sample(diff, diff)
@@ -154,7 +159,8 @@ def calibrate(model: nn.Module, sampler, labels, seeds, cfg_scale: float = 1.0, 
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
     num_holdout = round(holdout * len(pairs))
     if holdout > 0 and not 1 <= num_holdout < len(pairs):
-        raise InputValueError(f"holdout={holdout} of {len(pairs)} pairs leaves an empty split: use more labels/seeds or holdout=0")
+        raise InputValueError(f"holdout={holdout} of {len(pairs)} pairs leaves an empty split: "
+                              "use more labels/seeds or holdout=0")
     held = [pairs[i] for i in sorted(order[:num_holdout])]
     fit = [pairs[i] for i in sorted(order[num_holdout:])]
     held = held or fit
@@ -184,7 +190,8 @@ def calibrate(model: nn.Module, sampler, labels, seeds, cfg_scale: float = 1.0, 
         bar.close()
     stats = stats_acc.finish(len(held))
     L, N, C = mean.shape[1], mean.shape[4], mean.shape[5]
-    meta = PriorMetadata(model_fingerprint=model_fingerprint(model), num_steps=T, sampler=getattr(sampler, "name", type(sampler).__name__),
+    meta = PriorMetadata(model_fingerprint=model_fingerprint(model), num_steps=T,
+                         sampler=getattr(sampler, "name", type(sampler).__name__),
                          cfg_scale=float(cfg_scale), num_samples=len(fit), num_holdout=len(held) if num_holdout else 0,
                          max_gap=max_gap, num_tokens=N, width=C, num_blocks=L, num_halves=H, trend_eps=float(trend_eps))
     return Prior(mean.cpu(), {k: v.cpu() for k, v in stats.items()}, meta)

@@ -127,7 +127,8 @@ def _load_model(args):
             raise InputValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     _check_seeds([args.init_seed], "--init-seed")
     torch.manual_seed(args.init_seed)
-    model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes)
+    model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
+                                   num_classes=args.num_classes)
     return model.to(args.device).eval()
 
 
@@ -194,7 +195,8 @@ def cmd_calibrate(args) -> None:
 
         fit = fit_coefficients(model, sampler, schedule, prior, labels, seeds, progress=True)
         prior.add_fit(fit)
-        print(f"fitted {schedule}: {fit.info['corrected_entries']} of {fit.info['reuse_entries']} reuse entries corrected")
+        print(f"fitted {schedule}: {fit.info['corrected_entries']} of {fit.info['reuse_entries']} "
+              "reuse entries corrected")
     prior.save(args.out, dtype=STORAGE_DTYPES[args.dtype])
     print(f"{prior} written to {args.out} in {time.perf_counter() - start:.1f} s")
 
@@ -214,7 +216,8 @@ def cmd_fit(args) -> None:
     tune_seeds = _seed_list(args.tune_seeds, "--tune-seeds") if args.tune_seeds else None
     prior = Prior.load(args.prior)
     if prior.num_steps != args.steps:
-        raise InputValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
+        raise InputValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, "
+                              f"--steps is {args.steps}")
     model = _load_model(args)
     sampler = _make_sampler(args)
     for schedule in schedules:
@@ -244,15 +247,18 @@ def cmd_sample(args) -> None:
     mode = args.mode or ("calibrated" if args.prior else "none")  # as apply_eoc: calibrated by default with a prior
     config = None if mode == "none" else EOCConfig(mode=mode, theta=args.theta)
     if config is not None and config.needs_prior and not args.prior:
-        raise InputValueError(f"--mode {mode} needs --prior (a file from 'eoc calibrate'); --mode extrapolate needs none")
+        raise InputValueError(f"--mode {mode} needs --prior (a file from 'eoc calibrate'); "
+                              "--mode extrapolate needs none")
     pairs = _pairs(args)
     prior = Prior.load(args.prior, device="cpu") if args.prior else None
     if prior is not None:
         if prior.num_steps != args.steps:
-            raise InputValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, --steps is {args.steps}")
+            raise InputValueError(f"num_steps mismatch: the prior {args.prior} has {prior.num_steps} steps, "
+                                  f"--steps is {args.steps}")
         if prior.uses_cfg != (args.cfg_scale > 1.0):
-            raise InputValueError(f"cfg mismatch: the prior {args.prior} was calibrated with cfg_scale={prior.cfg_scale}, "
-                             f"--cfg-scale is {args.cfg_scale} (CFG must be on, > 1, or off, 1, in both)")
+            raise InputValueError(f"cfg mismatch: the prior {args.prior} was calibrated with "
+                                  f"cfg_scale={prior.cfg_scale}, "
+                                  f"--cfg-scale is {args.cfg_scale} (CFG must be on, > 1, or off, 1, in both)")
     model = _load_model(args)
     sampler = _make_sampler(args)
     num_classes = getattr(model, "num_classes", None)
@@ -362,8 +368,8 @@ def cmd_evaluate(args) -> None:
     print("\n" + header + "\n\n" + format_table(rows))
     csv_path, md_path = write_results(rows, args.out_dir, header)
     grid_interval = args.grid_interval if args.grid_interval in args.intervals else args.intervals[0]
-    names = ["uncached", f"FORA N={grid_interval}"] + [f"FORA N={grid_interval} + EOC {m}" for m in ("trend", "calibrated")
-                                                      if m in args.modes]
+    names = ["uncached", f"FORA N={grid_interval}"] + [f"FORA N={grid_interval} + EOC {m}"
+                                                      for m in ("trend", "calibrated") if m in args.modes]
     grid = torch.cat([samples[name][:10] for name in names])
     grid_path = os.path.join(args.out_dir, "grid.png")
     write_png(grid_path, image_grid(grid, columns=grid.shape[0] // len(names)))
@@ -380,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(p)
     p.add_argument("--max-gap", type=int, default=4, help="largest reuse gap the judgment statistics cover (default 4)")
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of pairs kept for the judgment statistics")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype of the mean")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="storage dtype of the mean")
     p.add_argument("--fit", nargs="*", default=[], metavar="SCHEDULE",
                    help="also fit the calibrated mode's coefficients, in closed loop on the same pairs, for "
                         "each schedule (e.g. fora:3 fora:4); they are stored in the prior")
@@ -391,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Closed-loop fit of (alpha, beta, gamma) per reuse entry for each schedule, on "
                                    "(label, seed) pairs sampled as one batch, then the global gain whose samples "
                                    "(--tune-seeds) are closest to the uncached ones; use seeds disjoint from the ones "
-                                   "the prior's mean was computed on (the delta term overfits them) and from evaluation.")
+                                   "the prior's mean was computed on (the delta term overfits them) and from "
+                                   "evaluation.")
     _add_model_args(p)
     _add_sampler_args(p)
     p.add_argument("--prior", required=True, help="prior file from 'eoc calibrate'")
@@ -400,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"candidate terms among delta extrapolate trend (default: {' '.join(DEFAULT_TERMS)})")
     p.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the least-squares fit (default 1e-3)")
     p.add_argument("--gains", type=float, nargs="+", default=list(DEFAULT_GAINS),
-                   help=f"candidate global gains of the fitted coefficients (default: {' '.join(map(str, DEFAULT_GAINS))}; "
+                   help=f"candidate global gains of the fitted coefficients "
+                        f"(default: {' '.join(map(str, DEFAULT_GAINS))}; "
                         "one value = no tuning)")
     p.add_argument("--tune-seeds", nargs="+", default=None,
                    help="seeds of the pairs the gain is chosen on (default: --seeds)")

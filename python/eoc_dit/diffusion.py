@@ -272,7 +272,8 @@ def _check_inputs(model, noise, labels, cfg_scale, generator) -> float:
         got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise InputValueError(f"labels must be an integer tensor, got {got}")
     if labels.shape != noise.shape[:1]:
-        raise InputValueError(f"labels must have shape [{noise.shape[0]}] (one per noise sample), got {tuple(labels.shape)}")
+        raise InputValueError(f"labels must have shape [{noise.shape[0]}] (one per noise sample), "
+                              f"got {tuple(labels.shape)}")
     if labels.device != noise.device:
         raise InputValueError(f"labels must be on the device of noise ({noise.device}), got {labels.device}")
     parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
@@ -397,6 +398,7 @@ def noise_for_seed(model, seed: int) -> torch.Tensor:
         raise InputValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
     for attr in ("in_channels", "input_size"):
         if not isinstance(getattr(model, attr, None), numbers.Integral):
-            raise InputTypeError(f"model must expose an int .{attr} (the noise shape of a sample), got {type(model).__name__}")
+            raise InputTypeError(f"model must expose an int .{attr} (the noise shape of a sample), "
+                                 f"got {type(model).__name__}")
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn(1, model.in_channels, model.input_size, model.input_size, generator=generator)

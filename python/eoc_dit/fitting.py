@@ -72,7 +72,8 @@ class _ClosedLoopFitter:
         batch = cache.shape[0]
         candidates = {"delta": None if delta is None else delta.double().repeat_interleave(batch // delta.shape[0], 0),
                       "extrapolate": None if prev is None else (cache - prev).double(),
-                      "trend": None if trend is None else cache.double() * trend.double().repeat_interleave(batch // trend.shape[0], 0)}
+                      "trend": (None if trend is None
+                                else cache.double() * trend.double().repeat_interleave(batch // trend.shape[0], 0))}
         used = [TERMS.index(name) for name in self.terms if candidates[name] is not None]
         target = self._guided((truth - cache).double())
         plain = float(target @ target)
@@ -84,7 +85,8 @@ class _ClosedLoopFitter:
             return (0.0, 0.0, 0.0)
         u = torch.stack([self._guided(candidates[TERMS[j]]) for j in used])  # [m, numel]
         gram, rhs = u @ u.T, u @ target
-        regularised = gram + self.ridge * gram.diagonal().mean().clamp(min=1e-30) * torch.eye(len(used), dtype=gram.dtype)
+        regularised = gram + (self.ridge * gram.diagonal().mean().clamp(min=1e-30)
+                              * torch.eye(len(used), dtype=gram.dtype))
         theta = torch.linalg.solve(regularised, rhs)
         residual = plain - 2 * float(theta @ rhs) + float(theta @ gram @ theta)
         if self.min_gain is not None and (plain - residual) / plain < self.min_gain:  # ... and where it helps enough
@@ -143,7 +145,8 @@ def _batch(model, labels, seeds, device):
     return noise, torch.tensor([label for label, _ in pairs], device=device)
 
 
-def trajectory_score_db(samples: torch.Tensor, uncached: torch.Tensor, clamp: tuple[float, float] | None = None) -> float:
+def trajectory_score_db(samples: torch.Tensor, uncached: torch.Tensor,
+                        clamp: tuple[float, float] | None = None) -> float:
     """Mean over samples of −10·log10(MSE to the uncached sample): PSNR up to a constant, for any
     sample space (pixels or latents). Higher is closer; identical samples count 100. ``clamp``
     (low, high): compare the samples as they will be shown, e.g. (−1, 1) for a pixel-space model
@@ -194,7 +197,8 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
                 or not bounds[0] < bounds[1]:
             raise InputValueError(f"tune_clamp must be (low, high) with finite low < high, got {tune_clamp!r}")
     if sampler.num_steps != prior.num_steps:
-        raise InputValueError(f"num_steps mismatch: the prior has {prior.num_steps}, the sampler runs {sampler.num_steps}")
+        raise InputValueError(f"num_steps mismatch: the prior has {prior.num_steps}, "
+                              f"the sampler runs {sampler.num_steps}")
     cfg_scale = prior.cfg_scale if cfg_scale is None else cfg_scale
     device = next(model.parameters()).device
     noise, y = _batch(model, labels, seeds, device)
@@ -221,7 +225,8 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
         gain = max(scores, key=scores.get)
     coef = gain * fitter.coef
     info = {"schedule": repr(schedule), "terms": list(terms), "ridge": ridge, "judge_threshold": judge_threshold,
-            "min_gain": min_gain, "guidance": guidance, "num_samples": int(noise.shape[0]), "cfg_scale": cfg_scale, "target": "uncached forward",
+            "min_gain": min_gain, "guidance": guidance, "num_samples": int(noise.shape[0]), "cfg_scale": cfg_scale,
+            "target": "uncached forward",
             "gain": gain, "corrected_entries": int((coef != 0).any(-1).sum()), "reuse_entries": int((~mask).sum()),
             "wall_time_s": round(time.perf_counter() - start, 2)}
     if scores is not None:

@@ -148,7 +148,8 @@ class EOCHandle:
         if getattr(model, HANDLE_ATTR, None) is not None:
             raise InputValueError("model is already patched: call remove_eoc(model) first")
         if not isinstance(schedule, Schedule):
-            raise InputTypeError(f"schedule must be an eoc_dit schedule (FORASchedule, MaskSchedule), got {type(schedule).__name__}")
+            raise InputTypeError(f"schedule must be an eoc_dit schedule (FORASchedule, MaskSchedule), "
+                                 f"got {type(schedule).__name__}")
         if config is not None and not isinstance(config, EOCConfig):
             raise InputTypeError(f"config must be an EOCConfig or None, got {type(config).__name__}")
         if prior is not None and not isinstance(prior, Prior):
@@ -156,13 +157,17 @@ class EOCHandle:
         if adapter is not None and not isinstance(adapter, ModelAdapter):
             raise InputTypeError(f"adapter must be an eoc_dit.ModelAdapter or None, got {type(adapter).__name__}")
         if observer is not None and not callable(observer):
-            raise InputTypeError(f"observer must be callable as observer(step, block, branch, feature), got {type(observer).__name__}")
+            raise InputTypeError(f"observer must be callable as observer(step, block, branch, feature), "
+                                 f"got {type(observer).__name__}")
         if strategy is not None and not isinstance(strategy, StepStrategy):
-            raise InputTypeError(f"strategy must be an eoc_dit.patching.StepStrategy or None, got {type(strategy).__name__}")
+            raise InputTypeError(f"strategy must be an eoc_dit.patching.StepStrategy or None, "
+                                 f"got {type(strategy).__name__}")
         if config is not None and config.needs_prior and prior is None:
-            raise InputValueError(f"EOCConfig(mode={config.mode!r}) needs a prior: pass prior=Prior.load(...) or use mode='extrapolate'")
+            raise InputValueError(f"EOCConfig(mode={config.mode!r}) needs a prior: pass prior=Prior.load(...) "
+                                  "or use mode='extrapolate'")
         if config is not None and prior is None and config.judge_threshold > 0:
-            raise InputValueError("EOCConfig.judge_threshold > 0 needs a prior (the judgment is measured on calibration data)")
+            raise InputValueError("EOCConfig.judge_threshold > 0 needs a prior "
+                                  "(the judgment is measured on calibration data)")
 
         self.model, self.schedule, self.prior, self.config = model, schedule, prior, config
         self.adapter = adapter if adapter is not None else DiTAdapter()
@@ -180,7 +185,8 @@ class EOCHandle:
         if prior is not None:
             prior.check_model(model, num_blocks=self.num_blocks)
             if self._fixed_num_steps is not None and self._fixed_num_steps != prior.num_steps:
-                raise InputValueError(f"num_steps mismatch: the schedule has {self._fixed_num_steps} steps, the prior {prior.num_steps}")
+                raise InputValueError(f"num_steps mismatch: the schedule has {self._fixed_num_steps} steps, "
+                                      f"the prior {prior.num_steps}")
             self._fixed_num_steps = prior.num_steps
         self.plan: Plan | None = None
         self.cache: FeatureCache | None = None
@@ -218,9 +224,10 @@ class EOCHandle:
         if self.config is not None and self.config.mode == "calibrated":
             fit = self.prior.fit_for(mask)
             if fit is None:
-                raise InputValueError(f"the prior has no coefficients fitted for {self.schedule!r} (mode 'calibrated', the "
-                                 "default with a prior): fit them with eoc_dit.fit_coefficients(...) and "
-                                 "prior.add_fit(fit) ('eoc fit'), or pass another config, e.g. EOCConfig(mode='extrapolate')")
+                raise InputValueError(f"the prior has no coefficients fitted for {self.schedule!r} (mode 'calibrated', "
+                                      "the default with a prior): fit them with eoc_dit.fit_coefficients(...) and "
+                                      "prior.add_fit(fit) ('eoc fit'), or pass another config, "
+                                      "e.g. EOCConfig(mode='extrapolate')")
         two_generations = self.strategy is not None and self.strategy.two_generations
         self.plan = make_plan(mask, self.config, self.prior, fit, sequential_blocks=self.adapter.sequential_blocks,
                               two_generations=two_generations)
@@ -242,8 +249,9 @@ class EOCHandle:
         if num_steps is not None:
             self._replan(self.schedule.mask(num_steps, self.num_blocks))
         elif not self.schedule.prefix_stable:
-            raise InputValueError(f"{self.schedule!r} has a mask that depends on the step count, and the sampler did not "
-                             "announce it: use an eoc_dit sampler, a prior or a MaskSchedule")
+            raise InputValueError(f"{self.schedule!r} has a mask that depends on the step count, "
+                                  "and the sampler did not announce it: use an eoc_dit sampler, a prior "
+                                  "or a MaskSchedule")
         elif self.plan is None:
             self._replan(self.schedule.mask(_OPEN_PLAN_STEPS, self.num_blocks))
 
@@ -315,10 +323,12 @@ class EOCHandle:
     def _check_run(self, num_steps: int, cfg: bool) -> None:
         if self._fixed_num_steps is not None and num_steps != self._fixed_num_steps:
             owner = "prior" if self.prior is not None else "schedule"
-            raise InputValueError(f"num_steps mismatch: the {owner} has {self._fixed_num_steps}, the sampler runs {num_steps}")
+            raise InputValueError(f"num_steps mismatch: the {owner} has {self._fixed_num_steps}, "
+                                  f"the sampler runs {num_steps}")
         if self.prior is not None and cfg != self.prior.uses_cfg:
             raise InputValueError(f"cfg mismatch: the prior was calibrated with cfg_scale={self.prior.cfg_scale} "
-                             f"(CFG {'on' if self.prior.uses_cfg else 'off'}), the sampler runs with CFG {'on' if cfg else 'off'}")
+                                  f"(CFG {'on' if self.prior.uses_cfg else 'off'}), "
+                                  f"the sampler runs with CFG {'on' if cfg else 'off'}")
 
     # ----------------------------------------------------------------------------- op arguments
     def _branch_arguments(self, step: int, block: int, branch: int, like: torch.Tensor) -> dict:
@@ -345,7 +355,8 @@ class EOCHandle:
             generation = torch.tensor([e.generation for e in segment.entries], dtype=torch.int32).view(S, 2)
             coef = delta = trend = None
             if segment.corrected:
-                coef = torch.tensor([e.coef for e in segment.entries], dtype=torch.float32).view(S, 2, 3).to(like.device)
+                coef = torch.tensor([e.coef for e in segment.entries],
+                                    dtype=torch.float32).view(S, 2, 3).to(like.device)
                 delta = self.prior_terms.segment(DELTA, segment, like) if segment.uses(DELTA) else None
                 trend = self.prior_terms.segment(TREND, segment, like) if segment.uses(TREND) else None
             args = self._segment_args[key] = (generation.to(like.device), coef, delta, trend)
@@ -355,7 +366,8 @@ class EOCHandle:
         """Gates [B, S, 2, C] of a segment; with stacked gate rows, ONE matmul per step serves every block."""
         block_adapter = self.adapter.block_adapter
         if self._gate_weight is None:
-            gates = [torch.stack(block_adapter.gates_from_modulation(block_adapter.modulation(self.blocks[l], c)), dim=1)
+            gates = [torch.stack(block_adapter.gates_from_modulation(block_adapter.modulation(self.blocks[l], c)),
+                                 dim=1)
                      for l in range(segment.start, segment.stop)]
             return torch.stack(gates, dim=1)
         if self._step_gates is None:

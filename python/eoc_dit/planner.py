@@ -198,8 +198,8 @@ def make_plan(mask: torch.Tensor, config: EOCConfig | None = None, prior: Prior 
                 if any(not math.isfinite(c) for c in coef):
                     raise InputValueError(f"entry (step {t}, block {l}, branch {k}) has non-finite coefficients {coef}")
                 if previous is None and coef[1] != 0.0:  # Cp would be read from a slot never written
-                    raise InputValueError(f"entry (step {t}, block {l}, branch {k}) has beta = {coef[1]} but no compute "
-                                     "step before its source: there is no Cp to extrapolate from")
+                    raise InputValueError(f"entry (step {t}, block {l}, branch {k}) has beta = {coef[1]} "
+                                          "but no compute step before its source: there is no Cp to extrapolate from")
                 entries[(t, l, k)] = (source, previous, len(done), coef)
     reads_previous = two_generations or any(coef[1] != 0.0 for *_, coef in entries.values())
     generations = 2 if reads_previous else 1

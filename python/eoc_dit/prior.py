@@ -134,13 +134,15 @@ class PriorMetadata:
             raise InputValueError(f"{source}: prior metadata has unknown fields {_short(sorted(unknown))}")
         version = data["format_version"]
         if not _is_int(version) or version != FORMAT_VERSION:
-            raise InputValueError(f"{source}: prior format_version {_short(version)} is not supported (expected {FORMAT_VERSION})")
+            raise InputValueError(f"{source}: prior format_version {_short(version)} is not supported "
+                                  f"(expected {FORMAT_VERSION})")
         for name in cls._INT_FIELDS:
             value, low = data[name], 0 if name == "num_holdout" else 1
             if not _is_int(value):
                 raise InputValueError(f"{source}: prior metadata field {name} must be an int, got {_short(value)}")
             if not low <= value <= _MAX_COUNT:
-                raise InputValueError(f"{source}: prior metadata field {name} must lie in [{low}, {_MAX_COUNT}], got {_short(value)}")
+                raise InputValueError(f"{source}: prior metadata field {name} must lie in [{low}, {_MAX_COUNT}], "
+                                      f"got {_short(value)}")
         values = {}
         for name in cls._FLOAT_FIELDS:
             value = data[name]
@@ -269,9 +271,11 @@ class Prior:
         gap = step - source
         plain = self.plain_error(step, source, block, branch)
         if alpha:
-            cross, square, c = self._stat("cross_delta", step, block, branch, gap), self._stat("sq_delta", step, block, branch, gap), alpha
+            cross, square, c = (self._stat("cross_delta", step, block, branch, gap),
+                                self._stat("sq_delta", step, block, branch, gap), alpha)
         elif gamma:
-            cross, square, c = self._stat("cross_trend", step, block, branch, gap), self._stat("sq_trend", step, block, branch, gap), gamma
+            cross, square, c = (self._stat("cross_trend", step, block, branch, gap),
+                                self._stat("sq_trend", step, block, branch, gap), gamma)
         else:
             if previous is None:
                 raise InputValueError("an extrapolating correction needs a previous compute step")
@@ -298,7 +302,8 @@ class Prior:
             tensors[f"{_FIT_PREFIX}{i}.coef"] = fit.coef.detach().to("cpu", torch.float32).contiguous()
         if self.mean.isfinite().all() and not tensors["mean"].isfinite().all():
             raise InputValueError(f"{source}: the mean overflows {names[dtype]} (largest |value| "
-                                  f"{float(self.mean.abs().max()):.6g}); save it with dtype=torch.float32 or torch.bfloat16")
+                                  f"{float(self.mean.abs().max()):.6g}); "
+                                  "save it with dtype=torch.float32 or torch.bfloat16")
         raw_meta = json.dumps(self.metadata.__dict__)
         raw_fits = json.dumps([fit.info for fit in self.fits])
         _validate(tensors, raw_meta, _parse_fit_infos(raw_fits, source), source)
@@ -350,8 +355,10 @@ class Prior:
                 raise unreadable(exc) from None
         if _CHECKSUM_KEY in metadata:
             stored = metadata[_CHECKSUM_KEY]
-            if not (stored.startswith("sha256:") and len(stored) == 71 and all(c in "0123456789abcdef" for c in stored[7:])):
-                raise InputValueError(f"{path}: malformed {_CHECKSUM_KEY} {_short(stored)} (expected 'sha256:' and 64 hex digits)")
+            if not (stored.startswith("sha256:") and len(stored) == 71
+                    and all(c in "0123456789abcdef" for c in stored[7:])):
+                raise InputValueError(f"{path}: malformed {_CHECKSUM_KEY} {_short(stored)} "
+                                      "(expected 'sha256:' and 64 hex digits)")
             if _checksum(tensors, raw_meta, raw_fits) != stored:
                 raise InputValueError(f"{path}: checksum mismatch: the file is corrupted (its metadata or tensors "
                                       f"changed after it was saved)")
@@ -409,7 +416,8 @@ def _unique_keys(pairs: list) -> dict:
 
 def _parse_json(text: str, what: str, limit: int, source: str):
     if len(text) > limit:
-        raise InputValueError(f"{source}: {what} is {len(text)} characters long, more than the {limit} a prior file allows")
+        raise InputValueError(f"{source}: {what} is {len(text)} characters long, "
+                              f"more than the {limit} a prior file allows")
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:
@@ -437,7 +445,8 @@ def _parse_fit_infos(raw_fits: str, source: str) -> list[dict]:
         if not isinstance(info, dict):
             raise InputValueError(f"{source}: fitted coefficients {i}: info must be a JSON object, got {_short(info)}")
         if _depth_exceeds(info, _MAX_DEPTH):
-            raise InputValueError(f"{source}: fitted coefficients {i}: info is nested more than {_MAX_DEPTH} levels deep")
+            raise InputValueError(f"{source}: fitted coefficients {i}: info is nested more than {_MAX_DEPTH} "
+                                  "levels deep")
     return infos
 
 
@@ -504,7 +513,8 @@ def _validate(tensors: dict, raw_meta: str, infos: list[dict], source: str):
                               f"{list(STORAGE_DTYPES)}")
     for name in STAT_NAMES:
         if tensors[name].dtype != torch.float32:
-            raise InputValueError(f"{source}: prior tensor {name!r} has dtype {tensors[name].dtype}, the statistics are float32")
+            raise InputValueError(f"{source}: prior tensor {name!r} has dtype {tensors[name].dtype}, "
+                                  "the statistics are float32")
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != shape:
             raise InputValueError(f"{source}: prior tensor {name!r} has shape {list(tensors[name].shape)}, "
@@ -517,7 +527,8 @@ def _validate(tensors: dict, raw_meta: str, infos: list[dict], source: str):
         undefined = torch.zeros_like(value, dtype=torch.bool) if undefined is None else undefined.expand(value.shape)
         isnan = value.isnan()
         if (isnan & ~undefined).any():
-            raise InputValueError(f"{source}: prior statistic {name!r} is NaN at {_first(isnan & ~undefined)}, where it is defined")
+            raise InputValueError(f"{source}: prior statistic {name!r} is NaN at {_first(isnan & ~undefined)}, "
+                                  "where it is defined")
         if (undefined & ~isnan).any():
             raise InputValueError(f"{source}: prior statistic {name!r} holds a number at {_first(undefined & ~isnan)}, "
                                   f"where its gap reaches before step 0 (NaN by definition)")
@@ -533,15 +544,18 @@ def _validate(tensors: dict, raw_meta: str, infos: list[dict], source: str):
         mask, coef = tensors[f"{_FIT_PREFIX}{i}.mask"], tensors[f"{_FIT_PREFIX}{i}.coef"]
         what = f"{source}: fitted coefficients {i}:"
         if mask.dtype not in (torch.uint8, torch.bool) or coef.dtype != torch.float32:
-            raise InputValueError(f"{what} mask/coef dtypes {mask.dtype}/{coef.dtype}, the format has uint8 (or bool)/float32")
+            raise InputValueError(f"{what} mask/coef dtypes {mask.dtype}/{coef.dtype}, "
+                                  "the format has uint8 (or bool)/float32")
         if tuple(mask.shape) != (T, L, 2) or tuple(coef.shape) != (T, L, 2, 3):
             raise InputValueError(f"{what} shapes mask {list(mask.shape)} / coef {list(coef.shape)} do not match "
                                   f"the prior's T = {T}, L = {L}")
         if mask.dtype == torch.uint8 and (mask > 1).any():
-            raise InputValueError(f"{what} the mask holds {int(mask.max())}: a schedule mask is 0 (reuse) or 1 (compute)")
+            raise InputValueError(f"{what} the mask holds {int(mask.max())}: "
+                                  "a schedule mask is 0 (reuse) or 1 (compute)")
         mask = mask.bool()
         if not mask[0].all():
-            raise InputValueError(f"{what} the mask reuses at step 0 (at {[0] + _first(~mask[0])}): step 0 has nothing to reuse")
+            raise InputValueError(f"{what} the mask reuses at step 0 (at {[0] + _first(~mask[0])}): "
+                                  "step 0 has nothing to reuse")
         _check_finite(coef, f"{_FIT_PREFIX}{i}.coef", source)
         earlier = next((j for j, fit in enumerate(fits) if torch.equal(fit.mask, mask)), None)
         if earlier is not None:

@@ -100,7 +100,8 @@ class MaskSchedule(Schedule):
         if num_steps != T:
             raise InputValueError(f"step count mismatch: the mask schedule has T = {T} steps, the run has {num_steps}")
         if num_blocks != L:
-            raise InputValueError(f"block count mismatch: the mask schedule has L = {L} blocks, the model has {num_blocks}")
+            raise InputValueError(f"block count mismatch: the mask schedule has L = {L} blocks, "
+                                  f"the model has {num_blocks}")
         return self._mask.clone()
 
     @property

@@ -67,7 +67,7 @@ def checkpoint_path(tmp_path_factory):
     torch.manual_seed(0)
     model = DiT_models["DiT-S/8"](input_size=16, in_channels=1, num_classes=4)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if not p.requires_grad:
                 continue  # the frozen position embedding
             if p.dim() >= 2:
@@ -215,8 +215,8 @@ def test_checkpoint_schedule_none_equals_uncached_sampling(checkpoint_path, tmp_
 
 def test_checkpoint_and_a_prior_made_from_it(checkpoint_path, tmp_path, capsys):
     prior = tmp_path / "ck.safetensors"
-    _ok(capsys, ["calibrate", "--checkpoint", str(checkpoint_path), "--steps", "3", "--labels", "0", "--seeds", "0", "1",
-                 "--holdout", "0.5", "--max-gap", "2", "--out", str(prior)])
+    _ok(capsys, ["calibrate", "--checkpoint", str(checkpoint_path), "--steps", "3", "--labels", "0",
+                 "--seeds", "0", "1", "--holdout", "0.5", "--max-gap", "2", "--out", str(prior)])
     out = tmp_path / "ck.npy"
     _ok(capsys, ["sample", "--checkpoint", str(checkpoint_path), "--model", "DiT-S/8", "--steps", "3", "--labels", "0",
                  "--seeds", "5", "--schedule", "fora:2", "--mode", "delta", "--prior", str(prior), "--out", str(out)])
@@ -270,7 +270,8 @@ def test_output_folder_not_writable(capsys, tmp_path, monkeypatch):
     folder = tmp_path / "ro"
     folder.mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if os.fspath(path) == str(folder) else real_access(path, mode))
+    monkeypatch.setattr(os, "access",
+                        lambda path, mode: False if os.fspath(path) == str(folder) else real_access(path, mode))
     _fails(capsys, [*SAMPLE, "--out", str(folder / "s.npy")], match="not writable")
 
 
@@ -403,8 +404,8 @@ def test_fit_adds_fits_to_a_prior(capsys, tmp_path, checkpoint_path, prior_path)
     assert "fitted FORASchedule(interval=2" in printed
     fit = Prior.load(out).fits[0]
     assert fit.info["terms"] == ["extrapolate"] and (fit.coef[..., 0] == 0).all() and (fit.coef[..., 2] == 0).all()
-    _fails(capsys, ["fit", *model_args, *RUN, "--prior", str(prior_path), "--schedules", "fora:2", "--terms", "momentum",
-                    "--out", str(out)], match="--terms")
+    _fails(capsys, ["fit", *model_args, *RUN, "--prior", str(prior_path), "--schedules", "fora:2",
+                    "--terms", "momentum", "--out", str(out)], match="--terms")
     _fails(capsys, ["fit", *model_args, "--steps", "4", "--labels", "0", "--prior", str(prior_path),
                     "--schedules", "fora:2", "--out", str(out)], match="num_steps mismatch")
     _fails(capsys, ["fit", *model_args, *RUN, "--prior", str(prior_path), "--schedules", "fora:2", "--gains", "1", "0",
@@ -425,7 +426,8 @@ def test_fit_tunes_the_gain_on_tune_seeds(capsys, tmp_path, checkpoint_path, pri
 
 def test_sample_with_a_prior_defaults_to_calibrated(capsys, tmp_path, prior_path):
     # The CLI's prior has no fit for fora:5: the default (calibrated) says so; --mode none samples plainly.
-    args = ["sample", *MODEL, *RUN, "--cfg-scale", "2", "--prior", str(prior_path), "--schedule", "fora:5", "--out", str(tmp_path / "x.npy")]
+    args = ["sample", *MODEL, *RUN, "--cfg-scale", "2", "--prior", str(prior_path), "--schedule", "fora:5",
+            "--out", str(tmp_path / "x.npy")]
     _fails(capsys, args, match="no coefficients fitted for FORASchedule\\(interval=5")
     printed, _ = _ok(capsys, args + ["--mode", "none"])
     assert "EOC none" in printed
@@ -457,7 +459,8 @@ def test_a_bug_is_not_turned_into_an_input_error(capsys, tmp_path, monkeypatch, 
 
 def _python(code, cwd):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env=env)
 
 
 def test_a_bug_in_a_subprocess_shows_a_traceback_and_exits_1(tmp_path):
@@ -479,10 +482,11 @@ def test_an_input_error_in_a_subprocess_is_one_line_and_exits_2(tmp_path):
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr
-    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("eoc sample: error: --schedule")
+    assert result.stderr.splitlines() == [result.stderr.strip()] \
+        and result.stderr.startswith("eoc sample: error: --schedule")
 
 
-# ---------------------------------------------------------------------------------------------- outputs checked up front
+# --------------------------------------------------------------------------------------------- outputs checked up front
 def test_output_is_an_existing_folder(capsys, tmp_path):
     (tmp_path / "s.npy").mkdir()
     _fails(capsys, [*SAMPLE, "--out", str(tmp_path / "s.npy")], match="is a folder")
@@ -494,7 +498,8 @@ def _deny_writes_to(monkeypatch, *paths):
     # Root (as on CI) can write anything, so the permission answer is simulated.
     denied = {str(p) for p in paths}
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if os.fspath(path) in denied else real_access(path, mode))
+    monkeypatch.setattr(os, "access",
+                        lambda path, mode: False if os.fspath(path) in denied else real_access(path, mode))
 
 
 def test_output_file_exists_and_is_not_writable(capsys, tmp_path, monkeypatch):
@@ -542,7 +547,7 @@ def test_extreme_seeds_that_torch_accepts_work(capsys, tmp_path):
     assert np.load(out).shape == (2, 1, 16, 16)
 
 
-# ---------------------------------------------------------------------------------------------- train-*: never into the package
+# -------------------------------------------------------------------------------------- train-*: never into the package
 def test_train_commands_write_into_the_current_folder_by_default(capsys):
     parser = build_parser()
     for command in ("train-testbed", "train-classifier"):

@@ -236,7 +236,7 @@ def test_cfg_scale_one_runs_conditional_batch(cls):
     noise, labels = make_inputs(batch=3)
     model = FakeDiT()
     cls(3).sample(model, noise, labels, cfg_scale=1.0)
-    for x, t, y in model.calls:
+    for x, _t, y in model.calls:
         assert x.shape[0] == 3 and y.tolist() == labels.tolist()
 
 

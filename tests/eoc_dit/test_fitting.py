@@ -43,8 +43,8 @@ def test_perfect_prior_fit_finds_alpha_one_and_the_uncached_sample(model):
     # One pair, calibrated and fitted on itself: the target is exactly the prior delta at every entry.
     sampler = DDIMSampler(STEPS)
     prior = calibrate(model, sampler, [2], [11], cfg_scale=2.0, holdout=0.0, progress=False)
-    fit = fit_coefficients(model, sampler, FORASchedule(3), prior, [2], [11], terms=("delta",), ridge=1e-6, gains=(1.0,),
-                           min_gain=None, progress=False)
+    fit = fit_coefficients(model, sampler, FORASchedule(3), prior, [2], [11], terms=("delta",), ridge=1e-6,
+                           gains=(1.0,), min_gain=None, progress=False)
     reused = ~fit.mask
     torch.testing.assert_close(fit.coef[reused][:, 0], torch.ones(int(reused.sum())), atol=1e-4, rtol=0)
     assert (fit.coef[reused][:, 1:] == 0).all() and (fit.coef[fit.mask] == 0).all()
@@ -65,7 +65,8 @@ def test_calibrated_beats_plain_and_every_preset_on_its_fitting_set(model, prior
     fitted = Prior(prior.mean, prior.stats, prior.metadata, fits=[fit])
     errors = {}
     for name, config in [("plain", None), ("extrapolate", EOCConfig(mode="extrapolate", min_gain=None)),
-                         ("trend", EOCConfig(mode="trend", min_gain=None)), ("delta", EOCConfig(mode="delta", min_gain=None)),
+                         ("trend", EOCConfig(mode="trend", min_gain=None)),
+                         ("delta", EOCConfig(mode="delta", min_gain=None)),
                          ("calibrated", EOCConfig(mode="calibrated"))]:
         errors[name] = float((sample(model, batch, schedule, fitted, config) - uncached).pow(2).mean())
     best_preset = min(v for k, v in errors.items() if k not in ("plain", "calibrated"))
@@ -120,10 +121,12 @@ def test_bad_arguments(model, prior):
         fit_coefficients(model, DDIMSampler(STEPS + 1), FORASchedule(3), prior, [1], [2])
     with pytest.raises(ValueError, match="empty"):
         fit_coefficients(model, sampler, FORASchedule(3), prior, [], [2])
-    for gains, error in [((), ValueError), ((1.0, 0.0), ValueError), ((1.0, float("nan")), ValueError), (2.0, TypeError)]:
+    for gains, error in [((), ValueError), ((1.0, 0.0), ValueError), ((1.0, float("nan")), ValueError),
+                         (2.0, TypeError)]:
         with pytest.raises(error, match="gains"):
             fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], gains=gains)
-    for kwargs in [dict(judge_threshold=-0.1), dict(judge_threshold=None), dict(min_gain=float("nan")), dict(min_gain="0")]:
+    for kwargs in [dict(judge_threshold=-0.1), dict(judge_threshold=None), dict(min_gain=float("nan")),
+                   dict(min_gain="0")]:
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], **kwargs)
     for clamp in [(1.0, -1.0), (0.0,), 5.0, (0.0, float("inf"))]:
@@ -173,11 +176,12 @@ def test_gain_is_chosen_on_the_tune_seeds_by_closeness_to_uncached(model, prior)
 
     sampler, schedule = DDIMSampler(STEPS), FORASchedule(2)  # FORA(2): β matters on this tiny model
     base = fit_coefficients(model, sampler, schedule, prior, [1, 2], [20], gains=(1.0,), progress=False)
-    tuned = fit_coefficients(model, sampler, schedule, prior, [1, 2], [20], gains=(0.25, 1.0, 16.0), tune_seeds=[30, 31],
-                             progress=False)
+    tuned = fit_coefficients(model, sampler, schedule, prior, [1, 2], [20], gains=(0.25, 1.0, 16.0),
+                             tune_seeds=[30, 31], progress=False)
     assert base.info["gain"] == 1.0 and "tune_score_db" not in base.info
     scores = tuned.info["tune_score_db"]
-    assert tuned.info["gain"] == max((0.25, 1.0, 16.0), key=lambda g: scores[str(g)]) and tuned.info["tune_samples"] == 4
+    assert tuned.info["gain"] == max((0.25, 1.0, 16.0), key=lambda g: scores[str(g)]) \
+        and tuned.info["tune_samples"] == 4
     torch.testing.assert_close(tuned.coef, tuned.info["gain"] * base.coef)
     # Each score is the closeness of the tune pairs' samples with that gain to their uncached samples.
     noise = torch.cat([noise_for_seed(model, s) for _ in (1, 2) for s in (30, 31)])
@@ -211,7 +215,8 @@ def test_apply_eoc_defaults_to_calibrated_with_a_prior(model, prior, batch):
         default = DDIMSampler(STEPS).sample(model, *batch, cfg_scale=2.0)
     assert torch.equal(default, sample(model, batch, FORASchedule(3), fitted, EOCConfig(mode="calibrated")))
     assert not torch.equal(default, sample(model, batch, FORASchedule(3)))
-    with pytest.raises(ValueError, match="no coefficients fitted for FORASchedule\\(interval=2.*EOCConfig\\(mode='extrapolate'\\)"):
+    with pytest.raises(ValueError, match="no coefficients fitted for FORASchedule\\(interval=2.*"
+                                         "EOCConfig\\(mode='extrapolate'\\)"):
         apply_eoc(model, FORASchedule(2), fitted)
     with apply_eoc(model, FORASchedule(3)) as handle:  # no prior: plain caching
         assert handle.config is None

@@ -49,7 +49,7 @@ def test_fora_cached_step_is_one_segment_and_one_gate_matmul(model, inputs, monk
         sampler.sample(model, *inputs, cfg_scale=2.0)
         reuse_steps = [t for t in range(STEPS) if t % 3]
         assert len(segment.calls) == len(reuse_steps) and not branch.calls
-        for args, kwargs in segment.calls:
+        for args, _kwargs in segment.calls:
             x, gates, cache, generation = args
             assert gates.shape == (4, 4, 2, 32) and cache.shape == (2, 4, 2, 4, 16, 32)  # S = L = 4, G = 2
             assert cache.data_ptr() == handle.cache.buffer.data_ptr()  # a view of the buffer, not a copy

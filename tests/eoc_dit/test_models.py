@@ -263,7 +263,8 @@ def test_bad_constructor_arguments():
         DiT(input_size=30, patch_size=4, hidden_size=64, depth=1, num_heads=4)
     with pytest.raises(ValueError, match="num_heads"):
         DiT(input_size=8, patch_size=2, hidden_size=64, depth=1, num_heads=5)
-    for name, value in (("input_size", 0), ("in_channels", 0), ("depth", 0), ("patch_size", 2.0), ("num_classes", True)):
+    for name, value in (("input_size", 0), ("in_channels", 0), ("depth", 0), ("patch_size", 2.0),
+                        ("num_classes", True)):
         kwargs = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=1, num_heads=4, num_classes=4)
         kwargs[name] = value
         with pytest.raises(ValueError, match=name):

@@ -82,7 +82,7 @@ def features(model):
             record = torch.full((STEPS, L, 2, H, N, C), math.nan, dtype=torch.float64)
             calls = []
 
-            def observer(t, l, k, feature, record=record, calls=calls):
+            def observer(t, l, k, feature, record=record, calls=calls, H=H):
                 assert feature.shape == (H, N, C)
                 record[t, l, k] = feature.double()
                 calls.append((t, l, k))
@@ -217,7 +217,7 @@ def test_metadata(model, calibrated, case):
     assert prior.model_fingerprint == model_fingerprint(model)
     assert prior.mean.shape == (STEPS, 3, 2, case.num_halves, 16, 32)
     with pytest.raises(AttributeError, match="no_such_field"):
-        prior.no_such_field
+        _ = prior.no_such_field
 
 
 def test_split_sizes_follow_round():
@@ -580,7 +580,8 @@ def test_noise_for_seed(model, seed):
     expected = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(noise_for_seed(model, seed), expected)
     wide = DiT(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=4)
-    assert torch.equal(noise_for_seed(wide, seed), torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(seed)))
+    assert torch.equal(noise_for_seed(wide, seed),
+                       torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(seed)))
 
 
 def test_statistics_pass_holds_a_window_not_the_run(model, monkeypatch):

@@ -214,19 +214,22 @@ def assert_valid(prior: Prior, label: str) -> None:
           label, m)
     T_, L_, G_ = m.num_steps, m.num_blocks, m.max_gap
     check(prior.mean.shape == (T_, L_, 2, m.num_halves, m.num_tokens, m.width), label, "mean shape")
-    check(prior.mean.dtype in prior_module.STORAGE_DTYPES.values() and prior.mean.isfinite().all(), label, "mean values")
+    check(prior.mean.dtype in prior_module.STORAGE_DTYPES.values() and prior.mean.isfinite().all(),
+          label, "mean values")
     check(set(prior.stats) == set(STAT_NAMES), label, sorted(prior.stats))
     for name, value in prior.stats.items():
         shape = (T_, L_, 2) if name == "energy" else (T_, L_, 2, G_, G_) if name == "cross_extrap" else (T_, L_, 2, G_)
         check(value.shape == shape and value.dtype == torch.float32, label, name, "shape/dtype")
         nan = expected_nan(name, T_, G_)
         nan = torch.zeros(shape, dtype=torch.bool) if nan is None else nan.expand(shape)
-        check(torch.equal(value.isnan(), nan) and value[~nan].isfinite().all(), label, name, "NaN exactly where undefined")
+        check(torch.equal(value.isnan(), nan) and value[~nan].isfinite().all(),
+              label, name, "NaN exactly where undefined")
         if name in ("energy", "err_plain", "sq_delta", "sq_trend"):
             check((value[~nan] >= 0).all(), label, name, "negative squared norm")
     masks = []
     for i, fit in enumerate(prior.fits):
-        check(fit.mask.dtype == torch.bool and fit.mask.shape == (T_, L_, 2) and fit.mask[0].all(), label, f"fit {i} mask")
+        check(fit.mask.dtype == torch.bool and fit.mask.shape == (T_, L_, 2) and fit.mask[0].all(),
+              label, f"fit {i} mask")
         check(fit.coef.dtype == torch.float32 and fit.coef.shape == (T_, L_, 2, 3) and fit.coef.isfinite().all(),
               label, f"fit {i} coef")
         check(isinstance(fit.info, dict), label, f"fit {i} info")
@@ -293,7 +296,8 @@ def test_header_length_corruption(base, case_path, which):
     labels = []
     for position in range(8):
         for bit in range(8):
-            labels.append((f"bit {bit} of length byte {position}", overwrite(data, position, data[position] ^ (1 << bit))))
+            labels.append((f"bit {bit} of length byte {position}",
+                           overwrite(data, position, data[position] ^ (1 << bit))))
         for value in rng.sample(range(256), 24):
             if value != data[position]:
                 labels.append((f"length byte {position} = {value}", overwrite(data, position, value)))
@@ -340,7 +344,8 @@ def test_body_corruption_with_checksum(base, case_path):
     rng = random.Random(3)
     start = header_size(saved)
     for position in range(start, len(saved)):
-        value = saved[position] ^ (1 << rng.randrange(8)) if position % 2 else rng.choice(sorted(set(range(256)) - {saved[position]}))
+        value = (saved[position] ^ (1 << rng.randrange(8)) if position % 2
+                 else rng.choice(sorted(set(range(256)) - {saved[position]})))
         rejected(case_path, overwrite(saved, position, value), f"body byte {position} -> {value:#x}", "checksum")
         COUNTS["body bytes (checksum)"] += 1
 
@@ -435,8 +440,8 @@ def test_wrong_metadata_values(base, case_path, checksum):
         COUNTS["metadata: missing field"] += 1
     # Unknown fields are rejected (the format is versioned: a new field comes with a new version).
     for extra in ({"extra": 1}, {"Num_steps": 4}, {"": None}, {"x" * 5000: 1}, {"note": {"nested": [1, 2]}}):
-        rejected(case_path, build(tensors, {**good, **extra}, fits, checksum=checksum), f"extra {next(iter(extra))[:20]}",
-                 "unknown")
+        rejected(case_path, build(tensors, {**good, **extra}, fits, checksum=checksum),
+                 f"extra {next(iter(extra))[:20]}", "unknown")
         COUNTS["metadata: unknown field"] += 1
     # Raw texts: a huge int literal, duplicate keys, not an object, not JSON.
     text = json.dumps(good)
@@ -658,7 +663,8 @@ def test_enormous_or_deep_metadata(base, case_path):
     fit_texts = [("[" * deep + "]" * deep, "deep"), ("[" * 500 + "]" * 500, "JSON object"),
                  (json.dumps([{**fits[0], "deep": json.loads("[" * 40 + "]" * 40)}, fits[1]]), "deep"),
                  (json.dumps([{"x": "x" * 17_000_000}, {}]), "characters"),
-                 (json.dumps([{}] * 10**6), "fitted coefficients 2"), ('[{"a": ' * deep + "1" + "}" * deep + "]", "deep"),
+                 (json.dumps([{}] * 10**6), "fitted coefficients 2"),
+                 ('[{"a": ' * deep + "1" + "}" * deep + "]", "deep"),
                  (json.dumps([{**fits[0], "note": "[" * deep}, {**fits[1], "deep": [[[[[[1]]]]]]}]), None)]  # just data
     for i, (text, needle) in enumerate(fit_texts):
         start = time.perf_counter()
@@ -672,7 +678,8 @@ def test_enormous_or_deep_metadata(base, case_path):
         COUNTS["enormous/deep metadata"] += 1
     # Other enormous header contents: a huge extra metadata value, many (empty) tensors.
     for data in (build(tensors, good, fits, extra={"big": "x" * 30_000_000}),
-                 raw_file({**{f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(300_000)}})):
+                 raw_file({**{f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                              for i in range(300_000)}})):
         start = time.perf_counter()
         rejected(case_path, data, "enormous header")
         assert time.perf_counter() - start < 15
@@ -683,7 +690,8 @@ def test_enormous_or_deep_metadata(base, case_path):
 def test_not_a_safetensors_file(base, case_path, tmp_path):
     prior, saved, _, _ = base
     rng = random.Random(7)
-    datas = [("empty", b""), ("one byte", b"\0"), ("text", b"hello world\n" * 100), ("json", json.dumps(metadata_of(prior)).encode()),
+    datas = [("empty", b""), ("one byte", b"\0"), ("text", b"hello world\n" * 100),
+             ("json", json.dumps(metadata_of(prior)).encode()),
              ("pickle", pickle.dumps({"mean": prior.mean, "meta": metadata_of(prior)})),
              ("header only", saved[:header_size(saved)]), ("zeros", b"\0" * 4096), ("ones", b"\xff" * 4096)]
     buffer = io.BytesIO()
@@ -694,7 +702,8 @@ def test_not_a_safetensors_file(base, case_path, tmp_path):
         archive.writestr("base.safetensors", saved)
     datas.append(("zip of a prior", zipped.getvalue()))
     for i in range(300):
-        datas.append((f"random {i}", rng.randbytes(rng.choice([1, 7, 8, 9, 16, 100, 1000, 5000, rng.randrange(20000)]))))
+        datas.append((f"random {i}",
+                      rng.randbytes(rng.choice([1, 7, 8, 9, 16, 100, 1000, 5000, rng.randrange(20000)]))))
     for i in range(100):  # a plausible header length, then garbage
         body = rng.randbytes(rng.randrange(16, 3000))
         datas.append((f"length + garbage {i}", struct.pack("<Q", rng.randrange(1, len(body) + 1)) + body))
@@ -706,7 +715,8 @@ def test_not_a_safetensors_file(base, case_path, tmp_path):
                {"mean": {"dtype": "X99", "shape": [2], "data_offsets": [0, 8]}},
                {"mean": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}},
                {"mean": {"dtype": "F32", "shape": [2**62, 4], "data_offsets": [0, 0]}},
-               {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+               {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
                {"__metadata__": {"eoc_prior": 3}}, {"__metadata__": "x"},
                {"__metadata__": {"eoc_prior": json.dumps(metadata_of(prior))}}]
     for i, header in enumerate(headers):

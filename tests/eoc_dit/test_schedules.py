@@ -15,7 +15,8 @@ def test_fora_mask_pattern():
 
 
 def test_fora_warmup_counts_from_warmup():
-    assert FORASchedule(3, warmup=2).mask(9, 1)[:, 0, 0].tolist() == [True, True, True, False, False, True, False, False, True]
+    assert FORASchedule(3, warmup=2).mask(9, 1)[:, 0, 0].tolist() == [True, True, True, False, False, True,
+                                                                       False, False, True]
 
 
 def test_fora_caching_level():

@@ -98,7 +98,8 @@ def test_frechet_distance_matches_the_gaussian_formula():
     q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
     cov = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]], dtype=torch.float64)
     assert frechet_distance(mean_a, cov, mean_a, cov) == pytest.approx(0.0, abs=1e-9)
-    assert frechet_distance(q @ mean_a.double(), q @ cov @ q.T, q @ mean_b.double(), q @ torch.diag(var_b).double() @ q.T) == \
+    assert frechet_distance(q @ mean_a.double(), q @ cov @ q.T,
+                            q @ mean_b.double(), q @ torch.diag(var_b).double() @ q.T) == \
         pytest.approx(frechet_distance(mean_a, cov, mean_b, torch.diag(var_b)))
 
 

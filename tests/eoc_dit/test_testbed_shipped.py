@@ -20,7 +20,8 @@ def test_shipped_files_are_small_and_described():
     assert os.path.getsize(os.path.join(testbed.ASSETS, "testbed_dit.pt")) <= 20 * 2**20
     prior = testbed.load_prior(20)
     assert prior.num_steps == 20 and prior.cfg_scale > 1 and prior.num_blocks == card["config"]["depth"]
-    assert {fit.info["schedule"] for fit in prior.fits} >= {f"FORASchedule(interval={n}, warmup=0)" for n in (2, 3, 4, 5)}
+    assert {fit.info["schedule"] for fit in prior.fits} >= {f"FORASchedule(interval={n}, warmup=0)"
+                                                            for n in (2, 3, 4, 5)}
 
 
 def test_shipped_model_draws_the_ten_classes():
@@ -82,7 +83,8 @@ def test_eoc_demo_with_a_corrupted_shipped_file(capsys, tmp_path, monkeypatch):
 
 
 def test_eoc_evaluate_cli(capsys, tmp_path):
-    argv = ["evaluate", "--samples", "5", "--intervals", "2", "4", "--modes", "trend", "calibrated", "--out-dir", str(tmp_path)]
+    argv = ["evaluate", "--samples", "5", "--intervals", "2", "4", "--modes", "trend", "calibrated",
+            "--out-dir", str(tmp_path)]
     assert main(argv) == 0
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 1 + 2 * 3 and rows[0].startswith("method,interval,mode,caching_level")

@@ -44,7 +44,8 @@ def _asset(name: str) -> str:
     path = os.path.join(ASSETS, name)
     if not os.path.isfile(path):
         raise InputFileNotFoundError(f"shipped testbed file missing: {path} (reinstall the package, or recreate it "
-                                     f"with 'eoc train-testbed --out {ASSETS}' / 'eoc train-classifier --out {ASSETS}')")
+                                     f"with 'eoc train-testbed --out {ASSETS}' / "
+                                     f"'eoc train-classifier --out {ASSETS}')")
     return path
 
 
@@ -69,7 +70,8 @@ def load_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.fl
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except (RuntimeError, AttributeError) as exc:
-        raise InputValueError(f"shipped testbed checkpoint does not match its model card: {str(exc).splitlines()[0]}") from None
+        raise InputValueError(f"shipped testbed checkpoint does not match its model card: "
+                              f"{str(exc).splitlines()[0]}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -91,7 +93,8 @@ def _classifier() -> FashionCNN:
     try:
         model.load_state_dict(_load_state(_asset(CLASSIFIER_NAME)))
     except (RuntimeError, AttributeError) as exc:
-        raise InputValueError(f"shipped classifier weights do not match FashionCNN: {str(exc).splitlines()[0]}") from None
+        raise InputValueError(f"shipped classifier weights do not match FashionCNN: "
+                              f"{str(exc).splitlines()[0]}") from None
     return model.eval()
 
 
@@ -127,7 +130,8 @@ def classifier_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of images the classifier assigns to their conditioning label."""
     images = _check_images(images)
     if not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1]:
-        raise InputValueError(f"labels must be a tensor of shape [{images.shape[0]}], got {getattr(labels, 'shape', labels)}")
+        raise InputValueError(f"labels must be a tensor of shape [{images.shape[0]}], "
+                              f"got {getattr(labels, 'shape', labels)}")
     predictions = batched(_classifier(), images).argmax(1)
     return float((predictions == labels.cpu()).float().mean())
 

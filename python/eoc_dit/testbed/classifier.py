@@ -95,9 +95,11 @@ def train_classifier(out_dir: str, *, epochs: int = 3, batch_size: int = 128, lr
     accuracy = float((batched(model, test_x).argmax(1) == test_y).float().mean())
     mean, cov = feature_statistics(batched(model.features, test_x))
     torch.save(model.state_dict(), os.path.join(out_dir, CLASSIFIER_NAME))
-    torch.save({"mean": mean, "cov": cov, "num_images": int(test_x.shape[0])}, os.path.join(out_dir, FEATURE_STATS_NAME))
+    torch.save({"mean": mean, "cov": cov, "num_images": int(test_x.shape[0])},
+               os.path.join(out_dir, FEATURE_STATS_NAME))
     card = {"model": "FashionCNN (3 conv + 2 linear), 128-d features", "epochs": epochs, "batch_size": batch_size,
-            "lr": lr, "seed": seed, "test_accuracy": round(accuracy, 4), "wall_time_s": round(time.perf_counter() - start, 1),
+            "lr": lr, "seed": seed, "test_accuracy": round(accuracy, 4),
+            "wall_time_s": round(time.perf_counter() - start, 1),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "feature_stats": f"{FEATURE_STATS_NAME}: mean and covariance (fp64) of the {test_x.shape[0]} test images"}
     with open(os.path.join(out_dir, CLASSIFIER_CARD_NAME), "w") as f:

@@ -82,7 +82,8 @@ def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch
     if not methods or methods[0].interval is not None:
         raise InputValueError("the first method must be the uncached reference")
     if seed_sets not in (1, 2) or num_samples < 2 * seed_sets:
-        raise InputValueError(f"--seed-sets must be 1 or 2 with >= 2 samples per set, got {seed_sets} sets of {num_samples} samples")
+        raise InputValueError(f"--seed-sets must be 1 or 2 with >= 2 samples per set, "
+                              f"got {seed_sets} sets of {num_samples} samples")
     model = testbed.load_model()
     prior = testbed.load_prior(num_steps)
     sampler = DDIMSampler(num_steps)
@@ -98,7 +99,8 @@ def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch
         for begin in range(0, num_samples, batch_size):
             batch = slice(begin, begin + batch_size)
             if schedule is None:
-                outputs.append(sampler.sample(model, noise[batch], labels[batch], cfg_scale=prior.cfg_scale, progress=progress))
+                outputs.append(sampler.sample(model, noise[batch], labels[batch], cfg_scale=prior.cfg_scale,
+                                              progress=progress))
             else:
                 with apply_eoc(model, schedule, prior if config is not None else None, config):
                     outputs.append(sampler.sample(model, noise[batch], labels[batch], cfg_scale=prior.cfg_scale,
@@ -131,7 +133,8 @@ def format_table(rows: list[ResultRow]) -> str:
     """Markdown table; with several evaluation seed sets, PSNR and FD to uncached also per set (A / B)."""
     per_set = bool(rows and rows[0].psnr_sets)
     extra = " PSNR per seed set | FD to uncached per seed set |" if per_set else ""
-    lines = ["| method | caching level | time s | speedup | PSNR vs uncached dB | FD to uncached | FD to data | accuracy |"
+    lines = ["| method | caching level | time s | speedup | "
+             "PSNR vs uncached dB | FD to uncached | FD to data | accuracy |"
              + extra, "|---|---|---|---|---|---|---|---|" + ("---|---|" if per_set else "")]
     for r in rows:
         psnr = "—" if r.interval is None else f"{r.psnr:.2f}"
@@ -151,7 +154,8 @@ def write_results(rows: list[ResultRow], out_dir: str, header: str) -> tuple[str
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         for r in rows:  # per-set values as "a;b" so that every row stays one CSV record
-            writer.writerow(asdict(r) | {key: ";".join(f"{v:.6g}" for v in getattr(r, key)) for key in ("psnr_sets", "fd_sets")})
+            writer.writerow(asdict(r) | {key: ";".join(f"{v:.6g}" for v in getattr(r, key))
+                                         for key in ("psnr_sets", "fd_sets")})
     with open(md_path, "w") as f:
         f.write(header + "\n\n" + format_table(rows) + "\n")
     return csv_path, md_path
