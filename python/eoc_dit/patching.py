@@ -213,6 +213,14 @@ class EOCHandle:
     def step(self) -> int:
         return self._clock.step
 
+    @step.setter
+    def step(self, value: int) -> None:
+        """Rewind the step clock, so that the next forward runs step ``value + 1`` again (benchmarks time
+        one step repeatedly); the cache keeps what the run computed."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+            raise InputValueError(f"step must be an int >= -1, got {value!r}")
+        self._clock.step = value
+
     # ----------------------------------------------------------------------------- plan
     def _replan(self, mask: torch.Tensor, *, extends_run: bool = False) -> None:
         """Make the plan for ``mask`` (a new run length, or a schedule whose mask changed) and drop
