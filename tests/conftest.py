@@ -2,7 +2,7 @@
 
 TRITON_INTERPRET must be set before anything imports triton: Triton reads it when ``@triton.jit``
 decorates a kernel (at import of the kernel module). On a machine without a CUDA device the Triton
-kernels are tested on CPU under the interpreter (DESIGN §3), so it is set to 1 there; with CUDA it
+kernels are tested on CPU under the interpreter (docs/DESIGN.md §3), so it is set to 1 there; with CUDA it
 is left off, so a plain ``pytest`` runs the compiled kernels (tests that run Triton on CPU tensors
 then skip). An explicit TRITON_INTERPRET in the environment always wins.
 """

@@ -159,7 +159,8 @@ def parity_cases(plan):
             for threshold, threshold_tensor in ((0.0, True), ("split", False), ("split", True)):
                 cases.append(dict(op=op, shape=plan.heads_shape, dtype=torch.float16, terms=common.ALL_TERMS, heads=1,
                                   coef_tensor=coef_tensor, threshold=threshold, threshold_tensor=threshold_tensor))
-        for shape, dtype, heads in ((plan.heads_shape, torch.bfloat16, plan.heads_shape[0]), (plan.dit_shape, torch.bfloat16, 2)):
+        for shape, dtype, heads in ((plan.heads_shape, torch.bfloat16, plan.heads_shape[0]),
+                                    (plan.dit_shape, torch.bfloat16, 2)):
             cases.append(dict(op=op, shape=shape, dtype=dtype, terms=common.ALL_TERMS, heads=heads, coef_tensor=True,
                               threshold="split", threshold_tensor=True))
         # Terms given with zero coefficients: their tensors must not change the result.
@@ -245,17 +246,19 @@ def sampler_parity(plan, results):
         prior = common.calibrate_prior(model32, sampler, interval, plan.device) if needs_prior and \
             shapes is not common.XL_SHAPES else None
         gen = torch.Generator().manual_seed(3)
-        noise = torch.randn(2, model32.in_channels, model32.input_size, model32.input_size, generator=gen).to(plan.device)
+        noise = torch.randn(2, model32.in_channels, model32.input_size, model32.input_size,
+                            generator=gen).to(plan.device)
         labels = common.class_labels(model32, 2, plan.device, cfg=False)
         configs = {"plain": None, "extrapolate": EOCConfig(mode="extrapolate"),
                    "trend": EOCConfig(mode="trend", min_gain=None),
                    "delta+threshold": EOCConfig(mode="delta", min_gain=None, token_threshold=0.05)}
 
         def sample(model, variant, backend):
-            with common.backend_env(backend), apply_eoc(model, FORASchedule(interval),
-                                                        prior if variant in ("trend", "delta+threshold") else None,
-                                                        configs[variant]):
-                return sampler.sample(model, noise, labels, cfg_scale=4.0)
+            # Called within this iteration only: the loop variables it reads are the current ones.
+            with common.backend_env(backend), apply_eoc(model, FORASchedule(interval),  # noqa: B023
+                                                        prior if variant in ("trend", "delta+threshold")  # noqa: B023
+                                                        else None, configs[variant]):  # noqa: B023
+                return sampler.sample(model, noise, labels, cfg_scale=4.0)  # noqa: B023
 
         for dtype in dtypes:
             model = model32 if dtype == torch.float32 else common.cast_model(copy.deepcopy(model32), dtype)
@@ -301,7 +304,8 @@ def block_timings(plan, results, copy_bw):
         for correction in ("extrapolate", "all"):
             case = common.make_case("cached_block", batch, shapes["N"], shapes["C"], dtype, plan.device,
                                     terms=common.CORRECTIONS[correction])
-            variants = {"fused (triton)": lambda: case.run("triton"), "eager (torch)": lambda: case.run("torch")}
+            variants = {"fused (triton)": lambda case=case: case.run("triton"),
+                        "eager (torch)": lambda case=case: case.run("torch")}
             if correction == "extrapolate":
                 variants["torch.compile(reference)"] = torch.compile(case.run_reference, dynamic=False,
                                                                      backend=compile_backend)
@@ -361,7 +365,8 @@ def capture_graph(fn, device, model):
     try:
         with common.graph_safe_timestep_embedding(model) as tables:
             graph, out = _capture(fn)
-        return graph, out, f"plain capture failed ({first}); captured with the timestep table kept on the device", tables
+        return (graph, out, f"plain capture failed ({first}); captured with the timestep table kept on the device",
+                tables)
     except Exception as error:
         try:
             torch.cuda.synchronize()
@@ -374,7 +379,7 @@ def step_timings(plan, results, model):
     """One forward: the full step and a reuse step (every block reused: one gate matmul + one
     cached_segment, as a FORA cached step; eager / fused, plain / EOC), each plain and replayed from a
     CUDA graph (whose output is checked against an eager call of the same step)."""
-    from eoc_dit import EOCConfig, FORASchedule, apply_eoc
+    from eoc_dit import EOCConfig, apply_eoc
 
     dtype = next(model.parameters()).dtype
     variants = [("FORA plain reuse, eager", "torch", None), ("FORA plain reuse, fused", "triton", None),
@@ -396,7 +401,8 @@ def step_timings(plan, results, model):
                     graph, static_out, note, keep_alive = capture_graph(fn, plan.device, model)
                     row["graph_ms"], row["graph_note"] = None, note
                     if graph is not None:
-                        row["graph_ms"] = common.time_call(graph.replay, plan.device, repeats=plan.repeats, warmup=2) * 1e3
+                        row["graph_ms"] = common.time_call(graph.replay, plan.device, repeats=plan.repeats,
+                                                           warmup=2) * 1e3
                         eager_out = fn.again() if full_fn is None else fn()  # the step the graph holds
                         row["graph_matches_eager"] = bool(torch.allclose(static_out.float(), eager_out.float(),
                                                                          atol=1e-2, rtol=1e-2))
@@ -434,8 +440,9 @@ def sampling_timings(plan, results, model):
             with common.backend_env(backend), apply_eoc(model, schedule, config=config):
                 seconds = common.time_call(run, plan.device, repeats=plan.sampling_repeats, warmup=1)
             speedup = uncached / seconds
-            results["sampling"].append(dict(variant=f"FORA N={interval}, {label}", backend=backend, full_steps=computing,
-                                            ms=seconds * 1e3, speedup=speedup, ideal=steps / computing,
+            results["sampling"].append(dict(variant=f"FORA N={interval}, {label}", backend=backend,
+                                            full_steps=computing, ms=seconds * 1e3, speedup=speedup,
+                                            ideal=steps / computing,
                                             pct_of_ideal=100 * speedup / (steps / computing)))
 
 
@@ -460,7 +467,8 @@ def markdown(plan, results) -> str:
                   f"{fmt(max((r['max_error'] or 0) for r in ops), '.3g', dry)}.", ""]
     failed = [r for r in ops if not r["ok"]]
     if failed:
-        lines += ["| failed case | note |", "|---|---|"] + [f"| {cell(r['case'])} | {cell(r['note'])} |" for r in failed] + [""]
+        lines += ["| failed case | note |", "|---|---|"]
+        lines += [f"| {cell(r['case'])} | {cell(r['note'])} |" for r in failed] + [""]
     samplers = [r for r in parity if r["kind"] == "sampler"]
     if samplers:
         lines += ["| sampler case | result | note |", "|---|---|---|"]
@@ -469,17 +477,21 @@ def markdown(plan, results) -> str:
     if results["cached_block"]:
         lines += [f"## cached_block — N={shapes['N']}, C={shapes['C']}, bf16 "
                   f"(copy bandwidth {fmt(results['copy_bandwidth_gbps'], '.0f', dry)} GB/s)", "",
-                  "| batch | correction | variant | µs | GB/s | % of copy BW | speedup vs eager |", "|---|---|---|---|---|---|---|"]
+                  "| batch | correction | variant | µs | GB/s | % of copy BW | speedup vs eager |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['correction']} | {r['variant']} | {fmt(r['ms'] * 1e3, '.1f', dry)} | "
-                  f"{fmt(r['gbps'], '.0f', dry)} | {fmt(r['pct_copy_bw'], '.0f', dry)} | {fmt(r.get('speedup_vs_eager'), '.2f', dry)} |"
+                  f"{fmt(r['gbps'], '.0f', dry)} | {fmt(r['pct_copy_bw'], '.0f', dry)} | "
+                  f"{fmt(r.get('speedup_vs_eager'), '.2f', dry)} |"
                   for r in results["cached_block"]] + [""]
     graph_notes = set()
     if results["step"]:
-        lines += [f"## One step — {shapes['L']} blocks, N={shapes['N']}, C={shapes['C']}, bf16; cached = a step reusing every block", "",
+        lines += [f"## One step — {shapes['L']} blocks, N={shapes['N']}, C={shapes['C']}, bf16; "
+                  "cached = a step reusing every block", "",
                   "rows = the model's batch (rows/2 images with CFG). A cached step is one gate matmul + one "
                   "cached_segment over all blocks (what FORA's cached steps are). graph = the same forward replayed "
                   "from a CUDA graph.", "",
-                  "| rows | variant | ms | ratio to full step | graph ms | graph ratio to full-step graph |", "|---|---|---|---|---|---|"]
+                  "| rows | variant | ms | ratio to full step | graph ms | graph ratio to full-step graph |",
+                  "|---|---|---|---|---|---|"]
         for r in results["step"]:
             graph = fmt(r.get("graph_ms"), ".3f", dry) if r.get("graph_ms") or dry else cell(r.get("graph_note"))
             if r.get("graph_matches_eager") is False:
@@ -487,8 +499,9 @@ def markdown(plan, results) -> str:
             if r.get("graph_ms") and r.get("graph_note"):
                 graph += " ¹"
                 graph_notes.add(r["graph_note"])
-            lines.append(f"| {r['rows']} | {r['variant']} | {fmt(r['ms'], '.3f', dry)} | {fmt(r['ratio_to_full'], '.3f', dry)} | "
-                         f"{graph} | {fmt(r.get('graph_ratio_to_full_graph'), '.3f', dry)} |")
+            lines.append(f"| {r['rows']} | {r['variant']} | {fmt(r['ms'], '.3f', dry)} | "
+                         f"{fmt(r['ratio_to_full'], '.3f', dry)} | {graph} | "
+                         f"{fmt(r.get('graph_ratio_to_full_graph'), '.3f', dry)} |")
         lines.append("")
         lines += [f"¹ {cell(note)}" for note in sorted(graph_notes)] + ([""] if graph_notes else [])
     if results["sampling"]:
@@ -496,8 +509,9 @@ def markdown(plan, results) -> str:
                   f"({2 * plan.sampling_images} rows), bf16", "",
                   "| variant | steps computing | s | speedup vs uncached | ideal (steps ÷ computing) | % of ideal |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['full_steps']} | {fmt(r['ms'] / 1e3, '.3f', dry)} | {fmt(r['speedup'], '.2f', dry)} | "
-                  f"{r['ideal']:.2f} | {fmt(r['pct_of_ideal'], '.0f', dry)} |" for r in results["sampling"]] + [""]
+        lines += [f"| {r['variant']} | {r['full_steps']} | {fmt(r['ms'] / 1e3, '.3f', dry)} | "
+                  f"{fmt(r['speedup'], '.2f', dry)} | {r['ideal']:.2f} | {fmt(r['pct_of_ideal'], '.0f', dry)} |"
+                  for r in results["sampling"]] + [""]
     for section, error in results["errors"].items():
         lines += [f"## {section}: crashed", "", "```", error.strip(), "```", ""]
     lines.append(f"Run time {results['runtime_s']:.0f} s.")
@@ -540,9 +554,10 @@ def main(args) -> int:
     copy_bw = common.copy_bandwidth(plan.device, repeats=plan.repeats, nbytes=2**20 if plan.dry_run else None)
     results["copy_bandwidth_gbps"] = copy_bw / 1e9
     model = None
+    # The step and sampling sections read `model` late on purpose: it is built by the first of them to run.
     for section, run in (("block", lambda: block_timings(plan, results, copy_bw)),
-                         ("step", lambda: step_timings(plan, results, model)),
-                         ("sampling", lambda: sampling_timings(plan, results, model))):
+                         ("step", lambda: step_timings(plan, results, model)),  # noqa: B023
+                         ("sampling", lambda: sampling_timings(plan, results, model))):  # noqa: B023
         if section in args.skip:
             continue
         if model is None and section in ("step", "sampling"):
