@@ -16,6 +16,8 @@ import numbers
 
 import torch
 
+from .errors import InputTypeError, InputValueError
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)  # cached_segment's generation
 
@@ -38,32 +40,32 @@ def _require_finite(op, name, value):
     """A Python number, or a float tensor whose values are readable, must be finite."""
     if isinstance(value, torch.Tensor):
         if _values_readable(value) and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{op}: {name} must be finite (no NaN or inf), got "
+            raise InputValueError(f"{op}: {name} must be finite (no NaN or inf), got "
                              f"{value.tolist()}")
     elif not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be finite (no NaN or inf), got {value}")
+        raise InputValueError(f"{op}: {name} must be finite (no NaN or inf), got {value}")
 
 
 def _require_tensor(op, name, value):
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        raise InputTypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def _require_device(op, name, tensor, device):
     if tensor.device != device:
-        raise ValueError(f"{op}: {name} must be on device {device} (the device of x), "
+        raise InputValueError(f"{op}: {name} must be on device {device} (the device of x), "
                          f"got {tensor.device}")
 
 
 def _shape_error(op, name, expected, tensor):
-    return ValueError(f"{op}: {name} must have shape {expected}, got {_fmt_shape(tensor.shape)}")
+    return InputValueError(f"{op}: {name} must have shape {expected}, got {_fmt_shape(tensor.shape)}")
 
 
 def _check_dtype_device(op, name, tensor, x):
     """tensor must be a tensor with x's dtype and device."""
     _require_tensor(op, name, tensor)
     if tensor.dtype != x.dtype:
-        raise TypeError(f"{op}: {name} must have dtype {x.dtype} (the dtype of x), "
+        raise InputTypeError(f"{op}: {name} must have dtype {x.dtype} (the dtype of x), "
                         f"got {tensor.dtype}")
     _require_device(op, name, tensor, x.device)
 
@@ -95,7 +97,7 @@ def _check_per_head(op, name, tensor, x, lead=(), lead_layout=()):
 def _check_parameter_tensor(op, name, tensor, device, shapes, layout):
     """A float32 tensor on x's device whose shape is one of shapes (coefficients, threshold)."""
     if tensor.dtype != torch.float32:
-        raise TypeError(f"{op}: {name} must be a float32 tensor, got {tensor.dtype}")
+        raise InputTypeError(f"{op}: {name} must be a float32 tensor, got {tensor.dtype}")
     _require_device(op, name, tensor, device)
     if tuple(tensor.shape) not in shapes:
         raise _shape_error(op, name, layout, tensor)
@@ -108,16 +110,16 @@ def _check_coef(op, name, coef, device):
         _require_finite(op, name, coef)
         return
     if not isinstance(coef, (tuple, list)):
-        raise TypeError(f"{op}: {name} must be a tuple of 3 numbers (alpha, beta, gamma) or a "
+        raise InputTypeError(f"{op}: {name} must be a tuple of 3 numbers (alpha, beta, gamma) or a "
                         f"float32 tensor of shape [3], got {type(coef).__name__}")
     if len(coef) != 3:
-        raise ValueError(f"{op}: {name} must have 3 entries (alpha, beta, gamma), got {len(coef)}")
+        raise InputValueError(f"{op}: {name} must have 3 entries (alpha, beta, gamma), got {len(coef)}")
     for value in coef:
         if not _is_number(value):
-            raise TypeError(f"{op}: {name} entries must be Python numbers (not bool), "
+            raise InputTypeError(f"{op}: {name} entries must be Python numbers (not bool), "
                             f"got {type(value).__name__}")
         if not math.isfinite(value):
-            raise ValueError(f"{op}: {name} entries must be finite (no NaN or inf), "
+            raise InputValueError(f"{op}: {name} entries must be finite (no NaN or inf), "
                              f"got {tuple(coef)}")
 
 
@@ -125,7 +127,7 @@ def check_features(op, x):
     """x must be a [B, N, C] tensor of a supported dtype."""
     _require_tensor(op, "x", x)
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: x must have dtype float32, float16 or bfloat16, got {x.dtype}")
+        raise InputTypeError(f"{op}: x must have dtype float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() != 3:
         raise _shape_error(op, "x", "[B, N, C]", x)
 
@@ -150,7 +152,7 @@ def check_token_threshold(op, token_threshold, device):
         _check_parameter_tensor(op, "token_threshold", token_threshold, device,
                                 shapes=[(), (1,)], layout="[] or [1]")
     elif not _is_number(token_threshold):
-        raise TypeError(f"{op}: token_threshold must be a Python number or a float32 tensor with "
+        raise InputTypeError(f"{op}: token_threshold must be a Python number or a float32 tensor with "
                         f"one element, got {type(token_threshold).__name__}")
     _require_finite(op, "token_threshold", token_threshold)
 
@@ -167,7 +169,7 @@ def check_segment(op, x, *, gates, cache, generation, delta, trend, coef):
     _check_like_x(op, "gates", gates, x, "[B, S, 2, C]", (batch, blocks, 2, channels))
     _require_tensor(op, "generation", generation)
     if generation.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{op}: generation must have dtype int32 or int64, got {generation.dtype}")
+        raise InputTypeError(f"{op}: generation must have dtype int32 or int64, got {generation.dtype}")
     _require_device(op, "generation", generation, x.device)
     if tuple(generation.shape) != (blocks, 2):
         raise _shape_error(op, "generation", f"[S, 2] = [{blocks}, 2]", generation)
@@ -177,7 +179,7 @@ def check_segment(op, x, *, gates, cache, generation, delta, trend, coef):
             _check_per_head(op, name, tensor, x, lead=(blocks, 2), lead_layout=("S", "2"))
     if coef is not None:
         if not isinstance(coef, torch.Tensor):
-            raise TypeError(f"{op}: coef must be None or a float32 tensor of shape [S, 2, 3] "
+            raise InputTypeError(f"{op}: coef must be None or a float32 tensor of shape [S, 2, 3] "
                             f"(alpha, beta, gamma per entry), got {type(coef).__name__}")
         _check_parameter_tensor(op, "coef", coef, x.device, shapes=[(blocks, 2, 3)],
                                 layout=f"[S, 2, 3] = [{blocks}, 2, 3]")
@@ -198,6 +200,6 @@ def _check_generation_values(op, generation, num_generations):
     if _values_readable(generation):
         bad = generation[(generation < 0) | (generation > top)]
         if bad.numel():
-            raise ValueError(f"{message}, got {bad[0].item()}")
+            raise InputValueError(f"{message}, got {bad[0].item()}")
     else:
         torch._assert_async(((generation >= 0) & (generation <= top)).all(), message)

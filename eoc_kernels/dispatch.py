@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import reference
+from .errors import InputTypeError, InputValueError
 
 AUTO = "auto"
 ENV_VAR = "EOC_BACKEND"
@@ -43,7 +44,7 @@ def register_backend(op_name: str, backend_name: str, fn: Callable,
     auto_eligible(device), default is_available, whether "auto" may pick it there.
     """
     if backend_name not in BACKENDS:
-        raise ValueError(f"cannot register backend {backend_name!r}: valid names are "
+        raise InputValueError(f"cannot register backend {backend_name!r}: valid names are "
                          f"{', '.join(BACKENDS)}")
     _REGISTRY.setdefault(op_name, {})[backend_name] = _Impl(
         fn, is_available, is_available if auto_eligible is None else auto_eligible)
@@ -72,22 +73,22 @@ def resolve_backend(backend: str | None, device, op_name: str | None = None) -> 
     if backend is None:
         backend, source = os.environ.get(ENV_VAR) or AUTO, ENV_VAR
     if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        raise InputTypeError(f"backend must be a str or None, got {type(backend).__name__}")
     name = backend.strip().lower()
     if name != AUTO and name not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} (from {source}); valid names: "
+        raise InputValueError(f"unknown backend {backend!r} (from {source}); valid names: "
                          f"{', '.join((AUTO,) + BACKENDS)}")
     device = torch.device(device)
     available = available_backends(device, op_name)
     if not available:
-        raise ValueError(f"no backend is available for device {device}")
+        raise InputValueError(f"no backend is available for device {device}")
     if name == AUTO:
         op_names = [op_name] if op_name is not None else list(_REGISTRY)
         eligible = [backend_name for backend_name in available
                     if all(_runs(op, backend_name, device, auto=True) for op in op_names)]
         return (eligible or available)[0]
     if name not in available:
-        raise ValueError(f"backend {name!r} (from {source}) is not available for device "
+        raise InputValueError(f"backend {name!r} (from {source}) is not available for device "
                          f"{device}; available: {', '.join(available)} (or {AUTO!r})")
     return name
 
@@ -95,7 +96,7 @@ def resolve_backend(backend: str | None, device, op_name: str | None = None) -> 
 def get_impl(op_name: str, backend: str | None, device) -> Callable:
     """op_name's implementation for resolve_backend(backend, device, op_name)."""
     if op_name not in _REGISTRY:
-        raise ValueError(f"unknown op {op_name!r}; ops: {', '.join(sorted(_REGISTRY))}")
+        raise InputValueError(f"unknown op {op_name!r}; ops: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[op_name][resolve_backend(backend, device, op_name)].fn
 
 

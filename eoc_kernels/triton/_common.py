@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import InputValueError
+
 MAX_CHANNELS = 16384  # one row of C fp32 values per tile must fit in registers
 GPU_TILE = 2048  # target fp32 values per program (BLOCK_M · BLOCK_C) on a GPU
 INTERPRETER_TILE = 16384  # the interpreter runs a program as one Python call: fewer, larger ones
@@ -95,7 +97,7 @@ def pick_blocks(channels, rows, device):
     8 values per thread. Interpreter (CPU): larger tiles, since every program is a Python call.
     """
     if channels > MAX_CHANNELS:
-        raise ValueError(f"the triton backend holds a token row in registers and supports "
+        raise InputValueError(f"the triton backend holds a token row in registers and supports "
                          f"C <= {MAX_CHANNELS}, got C = {channels}; use backend='torch'")
     block_c = triton.next_power_of_2(channels)
     tile = INTERPRETER_TILE if device.type == "cpu" else GPU_TILE

@@ -177,9 +177,9 @@ class EOCHandle:
         self.num_blocks = len(self.blocks)
         if self.num_blocks == 0:
             raise InputValueError("model has no blocks to cache")
-        if config is not None and config.backend != "auto":  # an unavailable backend fails now, not mid-run
-            parameter = next(model.parameters(), None)
-            eoc_kernels.resolve_backend(config.backend, parameter.device if parameter is not None else "cpu")
+        # An unknown or unavailable backend (config.backend, else $EOC_BACKEND) fails now, not mid-run.
+        parameter = next(model.parameters(), None)
+        eoc_kernels.resolve_backend(self._backend(), parameter.device if parameter is not None else "cpu")
 
         self._fixed_num_steps = schedule.fixed_num_steps
         if prior is not None:

@@ -611,3 +611,12 @@ def test_train_outputs_not_writable(capsys, tmp_path, monkeypatch):
     (tmp_path / "classifier.pt").write_bytes(b"old")
     _deny_writes_to(monkeypatch, os.path.join(".", "classifier.pt"))
     _fails(capsys, ["train-classifier"], match="classifier.pt: the file exists and is not writable")
+
+
+def test_a_bad_eoc_backend_is_an_input_error(capsys, monkeypatch, tmp_path):
+    # $EOC_BACKEND is read by eoc_kernels; its error is the project's own input error: one line, exit 2,
+    # before any sampling starts.
+    monkeypatch.setenv("EOC_BACKEND", "bogus")
+    _fails(capsys, ["sample", *MODEL, *RUN, "--schedule", "fora:2", "--mode", "extrapolate",
+                    "--out", str(tmp_path / "s.npy")], match="unknown backend 'bogus'")
+    assert not (tmp_path / "s.npy").exists()
