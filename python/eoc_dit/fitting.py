@@ -37,7 +37,8 @@ from .adapters import DiTAdapter
 from .config import EOCConfig
 from .diffusion import noise_for_seed
 from .errors import InputTypeError, InputValueError
-from .patching import EOCHandle, StepContext, StepStrategy, apply_eoc
+from .executor import StepContext, StepStrategy
+from .patching import EOCHandle, apply_eoc
 from .prior import CoefficientFit, Prior
 from .prior_terms import DELTA, TREND
 from .schedules import Schedule

@@ -1,0 +1,256 @@
+"""Running a patched model's blocks by the plan (docs/DESIGN.md §7).
+
+:class:`PlanExecutor` owns the device side of a cached run: the feature cache, the prior terms on
+the device, the op arguments built once per plan, and the gate rows of every block stacked once
+([L·2C, C_cond]) so that ONE matmul gives all gates of a step. For each block call it does what
+the plan (``planner.Plan``) says:
+
+- a computing branch runs and writes its output (pre-gate) straight into its cache slot;
+- the first block of a run of fully reused blocks makes ONE ``eoc_kernels.cached_segment`` call
+  for the whole run (the other blocks of the run pass their input through);
+- a block that reuses one branch and computes the other uses ``eoc_kernels.cached_branch``.
+
+A :class:`StepStrategy` may hand in the coefficients of a step instead (closed-loop fitting); the
+step then runs branch by branch with ``eoc_kernels.reference.corrected_feature``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import eoc_kernels
+
+from .adapters import ModelAdapter
+from .config import EOCConfig
+from .feature_cache import FeatureCache
+from .planner import EntryPlan, Plan, SegmentPlan
+from .prior import Prior
+from .prior_terms import DELTA, TREND, PriorTerms
+
+
+class StepStrategy:
+    """Replaces the plan's coefficients of each step that has a reuse entry (closed-loop fitting).
+
+    ``step_coefficients(context)`` is called before the step's forward with a :class:`StepContext`
+    and returns {(block, branch): (α, β, γ)} for every reuse entry of the step; the step then runs
+    branch by branch with ``eoc_kernels.reference.corrected_feature`` of those coefficients.
+    ``two_generations``: the cache keeps Cp even where the plan reads none.
+    """
+
+    two_generations = True
+
+    def step_coefficients(self, context: StepContext) -> dict[tuple[int, int], tuple[float, float, float]]:
+        raise NotImplementedError
+
+
+class StepContext:
+    """What a :class:`StepStrategy` may look at in the step about to run."""
+
+    def __init__(self, executor: PlanExecutor, step: int, run_uncached):
+        self._executor, self._run_uncached, self._uncached = executor, run_uncached, None
+        self.step = step
+        self.reuse_entries = executor.plan.reuse_entries(step)  # [(block, branch)]
+
+    def uncached_features(self) -> dict[tuple[int, int], torch.Tensor]:
+        """{(block, branch): pre-gate output [B, N, C]} of an UNCACHED forward on this step's input."""
+        if self._uncached is None:
+            self._uncached = self._run_uncached()
+        return self._uncached
+
+    def entry(self, block: int, branch: int) -> EntryPlan:
+        return self._executor.plan.entry(self.step, block, branch)
+
+    def cached(self, block: int, branch: int) -> torch.Tensor:
+        """Cc, this run's feature at the entry's source step, [B, N, C]."""
+        return self._executor.cache.feature(self.entry(block, branch).generation, block, branch)
+
+    def previous(self, block: int, branch: int) -> torch.Tensor | None:
+        """Cp, this run's feature at the compute step before the source; None when there is none, or when
+        the cache keeps one generation (a strategy with ``two_generations = False``)."""
+        entry = self.entry(block, branch)
+        if entry.previous is None or self._executor.plan.num_generations == 1:  # one generation keeps no Cp
+            return None
+        return self._executor.cache.feature(1 - entry.generation, block, branch)
+
+    def prior_term(self, term: int, block: int, branch: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The prior's D (``term`` = 0) or E (2) of the entry, [H, N, C]; None without a prior."""
+        terms = self._executor.prior_terms
+        if terms is None:
+            return None
+        return terms.entry(term, self.step, self.entry(block, branch), block, branch, like)
+
+
+class PlanExecutor:
+    """The device side of a patched model: runs each block call by the current plan.
+
+    Attributes: ``plan`` (None until set), ``cache`` (the ``FeatureCache``), ``prior_terms`` (None
+    without a prior), ``observer`` (called as ``observer(step, block, branch, feature)`` for every
+    computed branch output).
+    """
+
+    def __init__(self, adapter: ModelAdapter, blocks: list[nn.Module], config: EOCConfig | None,
+                 prior: Prior | None, observer=None):
+        self.adapter, self.blocks, self.num_blocks = adapter, blocks, len(blocks)
+        self.backend = None if config is None or config.backend == "auto" else config.backend  # None: $EOC_BACKEND
+        self.token_threshold = config.token_threshold if config is not None else 0.0
+        self.observer = observer
+        self.plan: Plan | None = None
+        self.cache: FeatureCache | None = None
+        self.prior_terms = PriorTerms(prior) if prior is not None else None
+        self._segment_args: dict[tuple, tuple] = {}
+        # The gate rows of every block stacked once ([L·2C, C_cond]): one matmul gives all gates of a step.
+        rows = [adapter.block_adapter.gate_rows(block) for block in blocks]
+        self._gate_weight = self._gate_bias = None
+        if all(r is not None for r in rows):
+            self._gate_weight = torch.cat([w for w, _ in rows])
+            self._gate_bias = torch.cat([b for _, b in rows])
+        self._step_gates = None  # gates [B, L, 2, C] of the forward being run
+        self._recording = None  # {(block, branch): feature} of an uncached pass being recorded
+        self.step_coef = None  # {(block, branch): (α, β, γ)} a strategy chose for the step being run
+
+    # ----------------------------------------------------------------------------- plan and step
+    def set_plan(self, plan: Plan, *, extends_run: bool = False) -> None:
+        """Serve ``plan`` from now on, dropping what was built for the previous one. ``extends_run``: the
+        run goes on under a longer plan with the same prefix, so the features cached so far stay."""
+        if self.cache is None or self.cache.num_generations != plan.num_generations:
+            if extends_run:
+                raise RuntimeError("the run went past the plan made for an unannounced sampler, and the longer "
+                                   "plan needs another cache layout: use an eoc_dit sampler")
+            self.cache = FeatureCache(plan.num_generations, self.num_blocks)
+        if not extends_run:
+            self.cache.reset()
+        self.plan = plan
+        self._segment_args.clear()
+        if self.prior_terms is not None:
+            self.prior_terms.clear()
+
+    def begin_step(self, new_run: bool) -> None:
+        if new_run:
+            self.cache.reset()
+        self._step_gates = None  # computed again by the first reused block of this forward
+        self.step_coef = None
+
+    def record_uncached(self, run) -> dict[tuple[int, int], torch.Tensor]:
+        """Call ``run()`` (the original model forward) with every block computing both branches, as the
+        original does; their outputs by (block, branch)."""
+        self._recording = {}
+        try:
+            run()
+            return self._recording
+        finally:
+            self._recording = None
+
+    # ----------------------------------------------------------------------------- one block call
+    def run_block(self, step: int, index: int, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Block ``index`` at ``step`` on ``x`` [B, N, C] with conditioning ``c`` [B, C] → [B, N, C]."""
+        if self._recording is not None:
+            return self._recording_forward(index, block, x, c)
+        plan = self.plan
+        computes = [plan.computes(step, index, k) for k in range(2)]
+        if self.step_coef is not None and not all(computes):
+            return self._strategy_forward(step, index, block, x, c, computes)
+        if not any(computes):
+            segment = plan.segment(step, index)
+            if index != segment.start:  # the first block of the run already added this one
+                return x
+            generation, coef, delta, trend = self._segment_arguments(segment, x)
+            return eoc_kernels.cached_segment(
+                x, self._segment_gates(segment, c), self.cache.blocks(segment.start, segment.stop), generation,
+                delta=delta, trend=trend, coef=coef, token_threshold=self.token_threshold, backend=self.backend)
+        block_adapter = self.adapter.block_adapter
+        branches = (block_adapter.attn_branch, block_adapter.mlp_branch)
+        modulation = block_adapter.modulation(block, c)
+        gates = block_adapter.gates_from_modulation(modulation)
+        for branch in range(2):
+            if computes[branch]:
+                slot = self.cache.slot(plan.write_generation(step, index, branch), index, branch, x)
+                feature = branches[branch](block, x, modulation, out=slot)  # [B, N, C], in the buffer
+                if self.observer is not None:
+                    self.observer(step, index, branch, feature)
+                x = x + gates[branch].unsqueeze(1) * feature
+            else:
+                x = eoc_kernels.cached_branch(x, gates[branch], **self._branch_arguments(step, index, branch, x),
+                                              token_threshold=self.token_threshold, backend=self.backend)
+        return x
+
+    def _recording_forward(self, index, block, x, c):
+        """A block computing both branches, as the original, and recording their outputs."""
+        block_adapter = self.adapter.block_adapter
+        modulation = block_adapter.modulation(block, c)
+        gates = block_adapter.gates_from_modulation(modulation)
+        for branch, run in enumerate((block_adapter.attn_branch, block_adapter.mlp_branch)):
+            feature = self._recording[(index, branch)] = run(block, x, modulation)
+            x = x + gates[branch].unsqueeze(1) * feature
+        return x
+
+    def _strategy_forward(self, step, index, block, x, c, computes):
+        """A block at a step whose coefficients the strategy chose: each reused branch goes on with
+        ``corrected_feature`` of those coefficients, branch by branch (no fused op)."""
+        block_adapter = self.adapter.block_adapter
+        branches = (block_adapter.attn_branch, block_adapter.mlp_branch)
+        modulation = block_adapter.modulation(block, c)
+        gates = block_adapter.gates_from_modulation(modulation)
+        for branch in range(2):
+            if computes[branch]:
+                slot = self.cache.slot(self.plan.write_generation(step, index, branch), index, branch, x)
+                feature = branches[branch](block, x, modulation, out=slot)
+            else:
+                entry = self.plan.entry(step, index, branch)
+                alpha, beta, gamma = coef = self.step_coef[(index, branch)]
+                prev = self.cache.feature(1 - entry.generation, index, branch) if beta else None
+                delta = self.prior_terms.entry(DELTA, step, entry, index, branch, x) if alpha else None
+                trend = self.prior_terms.entry(TREND, step, entry, index, branch, x) if gamma else None
+                feature = eoc_kernels.reference.corrected_feature(
+                    self.cache.feature(entry.generation, index, branch), prev=prev, delta=delta, trend=trend,
+                    coef=coef).to(x.dtype)
+            x = x + gates[branch].unsqueeze(1) * feature
+        return x
+
+    # ----------------------------------------------------------------------------- op arguments
+    def _branch_arguments(self, step: int, block: int, branch: int, like: torch.Tensor) -> dict:
+        """Keyword arguments of ``cached_branch`` for one reuse entry; a zero coefficient passes None."""
+        entry = self.plan.entry(step, block, branch)
+        alpha, beta, gamma = entry.coef
+        args = {"cache": self.cache.feature(entry.generation, block, branch), "prev": None, "delta": None,
+                "trend": None, "coef": entry.coef}
+        if beta != 0.0:
+            args["prev"] = self.cache.feature(1 - entry.generation, block, branch)
+        if alpha != 0.0:
+            args["delta"] = self.prior_terms.entry(DELTA, step, entry, block, branch, like)
+        if gamma != 0.0:
+            args["trend"] = self.prior_terms.entry(TREND, step, entry, block, branch, like)
+        return args
+
+    def _segment_arguments(self, segment: SegmentPlan, like: torch.Tensor) -> tuple:
+        """(generation [S, 2], coef [S, 2, 3] or None, delta, trend) of a segment on ``like``'s device,
+        built once per plan, device and dtype: no host sync afterwards."""
+        key = (segment.step, segment.start, like.device, like.dtype)
+        args = self._segment_args.get(key)
+        if args is None:
+            S = segment.stop - segment.start
+            generation = torch.tensor([e.generation for e in segment.entries], dtype=torch.int32).view(S, 2)
+            coef = delta = trend = None
+            if segment.corrected:
+                coef = torch.tensor([e.coef for e in segment.entries],
+                                    dtype=torch.float32).view(S, 2, 3).to(like.device)
+                delta = self.prior_terms.segment(DELTA, segment, like) if segment.uses(DELTA) else None
+                trend = self.prior_terms.segment(TREND, segment, like) if segment.uses(TREND) else None
+            args = self._segment_args[key] = (generation.to(like.device), coef, delta, trend)
+        return args
+
+    def _segment_gates(self, segment: SegmentPlan, c: torch.Tensor) -> torch.Tensor:
+        """Gates [B, S, 2, C] of a segment; with stacked gate rows, ONE matmul per step serves every block."""
+        block_adapter = self.adapter.block_adapter
+        if self._gate_weight is None:
+            gates = [torch.stack(block_adapter.gates_from_modulation(block_adapter.modulation(self.blocks[l], c)),
+                                 dim=1)
+                     for l in range(segment.start, segment.stop)]
+            return torch.stack(gates, dim=1)
+        if self._step_gates is None:
+            weight, bias = self._gate_weight, self._gate_bias
+            if weight.device != c.device or weight.dtype != c.dtype:  # the model moved after patching
+                weight, bias = self._gate_weight, self._gate_bias = weight.to(c), bias.to(c)
+            hidden = block_adapter.gate_input(self.blocks[0], c)  # [B, C_cond]
+            self._step_gates = torch.nn.functional.linear(hidden, weight, bias).view(c.shape[0], self.num_blocks, 2, -1)
+        return self._step_gates[:, segment.start : segment.stop]
