@@ -148,8 +148,8 @@ class PlanExecutor:
             return self._recording_forward(index, block, x, c)
         plan = self.plan
         computes = [plan.computes(step, index, k) for k in range(2)]
-        if self.step_coef is not None and not all(computes):
-            return self._strategy_forward(step, index, block, x, c, computes)
+        if self.step_coef is not None and not all(computes):  # the strategy's coefficients, branch by branch
+            return self._branchwise(step, index, block, x, c, computes, self._strategy_branch)
         if not any(computes):
             segment = plan.segment(step, index)
             if index != segment.start:  # the first block of the run already added this one
@@ -158,21 +158,42 @@ class PlanExecutor:
             return eoc_kernels.cached_segment(
                 x, self._segment_gates(segment, c), self.cache.blocks(segment.start, segment.stop), generation,
                 delta=delta, trend=trend, coef=coef, token_threshold=self.token_threshold, backend=self.backend)
+        return self._branchwise(step, index, block, x, c, computes, self._fused_branch)
+
+    def _branchwise(self, step, index, block, x, c, computes, serve_reused):
+        """A block run branch by branch: a computing branch writes its cache slot, a reused one is
+        ``serve_reused(step, index, branch, x, gate)`` → the new x."""
         block_adapter = self.adapter.block_adapter
         branches = (block_adapter.attn_branch, block_adapter.mlp_branch)
         modulation = block_adapter.modulation(block, c)
         gates = block_adapter.gates_from_modulation(modulation)
         for branch in range(2):
             if computes[branch]:
-                slot = self.cache.slot(plan.write_generation(step, index, branch), index, branch, x)
+                slot = self.cache.slot(self.plan.write_generation(step, index, branch), index, branch, x)
                 feature = branches[branch](block, x, modulation, out=slot)  # [B, N, C], in the buffer
                 if self.observer is not None:
                     self.observer(step, index, branch, feature)
                 x = x + gates[branch].unsqueeze(1) * feature
             else:
-                x = eoc_kernels.cached_branch(x, gates[branch], **self._branch_arguments(step, index, branch, x),
-                                              token_threshold=self.token_threshold, backend=self.backend)
+                x = serve_reused(step, index, branch, x, gates[branch])
         return x
+
+    def _fused_branch(self, step, index, branch, x, gate):
+        """A reused branch by the plan: one ``cached_branch`` call."""
+        return eoc_kernels.cached_branch(x, gate, **self._branch_arguments(step, index, branch, x),
+                                         token_threshold=self.token_threshold, backend=self.backend)
+
+    def _strategy_branch(self, step, index, branch, x, gate):
+        """A reused branch with the coefficients a strategy chose for this step: ``corrected_feature``."""
+        entry = self.plan.entry(step, index, branch)
+        alpha, beta, gamma = coef = self.step_coef[(index, branch)]
+        prev = self.cache.feature(1 - entry.generation, index, branch) if beta else None
+        delta = self.prior_terms.entry(DELTA, step, entry, index, branch, x) if alpha else None
+        trend = self.prior_terms.entry(TREND, step, entry, index, branch, x) if gamma else None
+        feature = eoc_kernels.reference.corrected_feature(
+            self.cache.feature(entry.generation, index, branch), prev=prev, delta=delta, trend=trend,
+            coef=coef).to(x.dtype)
+        return x + gate.unsqueeze(1) * feature
 
     def _recording_forward(self, index, block, x, c):
         """A block computing both branches, as the original, and recording their outputs."""
@@ -181,29 +202,6 @@ class PlanExecutor:
         gates = block_adapter.gates_from_modulation(modulation)
         for branch, run in enumerate((block_adapter.attn_branch, block_adapter.mlp_branch)):
             feature = self._recording[(index, branch)] = run(block, x, modulation)
-            x = x + gates[branch].unsqueeze(1) * feature
-        return x
-
-    def _strategy_forward(self, step, index, block, x, c, computes):
-        """A block at a step whose coefficients the strategy chose: each reused branch goes on with
-        ``corrected_feature`` of those coefficients, branch by branch (no fused op)."""
-        block_adapter = self.adapter.block_adapter
-        branches = (block_adapter.attn_branch, block_adapter.mlp_branch)
-        modulation = block_adapter.modulation(block, c)
-        gates = block_adapter.gates_from_modulation(modulation)
-        for branch in range(2):
-            if computes[branch]:
-                slot = self.cache.slot(self.plan.write_generation(step, index, branch), index, branch, x)
-                feature = branches[branch](block, x, modulation, out=slot)
-            else:
-                entry = self.plan.entry(step, index, branch)
-                alpha, beta, gamma = coef = self.step_coef[(index, branch)]
-                prev = self.cache.feature(1 - entry.generation, index, branch) if beta else None
-                delta = self.prior_terms.entry(DELTA, step, entry, index, branch, x) if alpha else None
-                trend = self.prior_terms.entry(TREND, step, entry, index, branch, x) if gamma else None
-                feature = eoc_kernels.reference.corrected_feature(
-                    self.cache.feature(entry.generation, index, branch), prev=prev, delta=delta, trend=trend,
-                    coef=coef).to(x.dtype)
             x = x + gates[branch].unsqueeze(1) * feature
         return x
 
