@@ -2,8 +2,8 @@
 
 Eager equivalent: ``eoc_kernels.reference.cached_block``,
 x + gate_attn ⊙ F̂_attn + gate_mlp ⊙ F̂_mlp, each branch judged on its own correction. Blocking
-(whole token rows in registers), zero-coefficient skipping, int64 offsets and explicit strides:
-see ``_common``.
+(row chunks, or whole token rows in registers when the judgment needs them), zero-coefficient
+skipping, int64 offsets and explicit strides: see ``_common``.
 """
 
 from typing import Optional
@@ -20,6 +20,7 @@ from ._common import (
     branch_launch_args,
     check_runnable,
     coef_of,
+    needs_whole_rows,
     pick_blocks,
     register_reference_autograd,
     split_coef,
@@ -49,10 +50,9 @@ def _cached_block_kernel(
         HAS_DELTA_M: tl.constexpr, HAS_PREV_M: tl.constexpr, HAS_TREND_M: tl.constexpr,
         COEF_A_IS_TENSOR: tl.constexpr, COEF_M_IS_TENSOR: tl.constexpr,
         THRESHOLD_IS_TENSOR: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        WHOLE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # flat b·N + n
-    col = tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    mask = (row < rows)[:, None] & (col < channels)
+    row_mask = (row < rows)[:, None]
     if COEF_A_IS_TENSOR:
         alpha_a = tl.load(CoefA_ptr)
         beta_a = tl.load(CoefA_ptr + stride_coef_a)
@@ -63,40 +63,48 @@ def _cached_block_kernel(
         gamma_m = tl.load(CoefM_ptr + 2 * stride_coef_m)
     if THRESHOLD_IS_TENSOR:
         threshold = tl.load(Threshold_ptr)
+    # Row offsets [BLOCK_M, 1] of each tensor; a chunk adds its columns times the column stride.
+    x_rows = _row_offsets(row, 1, stride_xb, stride_xn, tokens)[:, None]
+    out_rows = _row_offsets(row, 1, stride_ob, stride_on, tokens)[:, None]
+    gate_a_rows = _row_offsets(row, 1, stride_gab, 0, tokens)[:, None]
+    cache_a_rows = _row_offsets(row, 1, stride_cab, stride_can, tokens)[:, None]
+    prev_a_rows = _row_offsets(row, 1, stride_pab, stride_pan, tokens)[:, None]
+    delta_a_rows = _row_offsets(row, delta_a_rows_per_head, stride_dah, stride_dan, tokens)[:, None]
+    trend_a_rows = _row_offsets(row, trend_a_rows_per_head, stride_tah, stride_tan, tokens)[:, None]
+    gate_m_rows = _row_offsets(row, 1, stride_gmb, 0, tokens)[:, None]
+    cache_m_rows = _row_offsets(row, 1, stride_cmb, stride_cmn, tokens)[:, None]
+    prev_m_rows = _row_offsets(row, 1, stride_pmb, stride_pmn, tokens)[:, None]
+    delta_m_rows = _row_offsets(row, delta_m_rows_per_head, stride_dmh, stride_dmn, tokens)[:, None]
+    trend_m_rows = _row_offsets(row, trend_m_rows_per_head, stride_tmh, stride_tmn, tokens)[:, None]
 
-    x_offs = _row_offsets(row, 1, stride_xb, stride_xn, tokens)[:, None] + col * stride_xc
-    out = tl.load(X_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
+    end = channels
+    if WHOLE_ROWS:
+        end = 1  # one chunk of BLOCK_C >= C columns: the whole rows
+    for start in range(0, end, BLOCK_C):
+        col = (start + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
+        mask = row_mask & (col < channels)
+        out = tl.load(X_ptr + x_rows + col * stride_xc, mask=mask,
+                      other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
 
-    # Attention branch.
-    fhat = _corrected_feature(
-        CacheA_ptr, _row_offsets(row, 1, stride_cab, stride_can, tokens)[:, None]
-        + col * stride_cac,
-        PrevA_ptr, _row_offsets(row, 1, stride_pab, stride_pan, tokens)[:, None]
-        + col * stride_pac,
-        DeltaA_ptr, _row_offsets(row, delta_a_rows_per_head, stride_dah, stride_dan,
-                                 tokens)[:, None] + col * stride_dac,
-        TrendA_ptr, _row_offsets(row, trend_a_rows_per_head, stride_tah, stride_tan,
-                                 tokens)[:, None] + col * stride_tac,
-        mask, alpha_a, beta_a, gamma_a, threshold, HAS_DELTA_A, HAS_PREV_A, HAS_TREND_A)
-    gate_offs = _row_offsets(row, 1, stride_gab, 0, tokens)[:, None] + col * stride_gac
-    out += tl.load(GateA_ptr + gate_offs, mask=mask, other=0.0).to(tl.float32) * fhat
+        # Attention branch.
+        fhat = _corrected_feature(
+            CacheA_ptr, cache_a_rows + col * stride_cac, PrevA_ptr, prev_a_rows + col * stride_pac,
+            DeltaA_ptr, delta_a_rows + col * stride_dac, TrendA_ptr,
+            trend_a_rows + col * stride_tac, mask, alpha_a, beta_a, gamma_a, threshold,
+            HAS_DELTA_A, HAS_PREV_A, HAS_TREND_A, WHOLE_ROWS)
+        out += tl.load(GateA_ptr + gate_a_rows + col * stride_gac, mask=mask,
+                       other=0.0).to(tl.float32) * fhat
 
-    # MLP branch.
-    fhat = _corrected_feature(
-        CacheM_ptr, _row_offsets(row, 1, stride_cmb, stride_cmn, tokens)[:, None]
-        + col * stride_cmc,
-        PrevM_ptr, _row_offsets(row, 1, stride_pmb, stride_pmn, tokens)[:, None]
-        + col * stride_pmc,
-        DeltaM_ptr, _row_offsets(row, delta_m_rows_per_head, stride_dmh, stride_dmn,
-                                 tokens)[:, None] + col * stride_dmc,
-        TrendM_ptr, _row_offsets(row, trend_m_rows_per_head, stride_tmh, stride_tmn,
-                                 tokens)[:, None] + col * stride_tmc,
-        mask, alpha_m, beta_m, gamma_m, threshold, HAS_DELTA_M, HAS_PREV_M, HAS_TREND_M)
-    gate_offs = _row_offsets(row, 1, stride_gmb, 0, tokens)[:, None] + col * stride_gmc
-    out += tl.load(GateM_ptr + gate_offs, mask=mask, other=0.0).to(tl.float32) * fhat
+        # MLP branch.
+        fhat = _corrected_feature(
+            CacheM_ptr, cache_m_rows + col * stride_cmc, PrevM_ptr, prev_m_rows + col * stride_pmc,
+            DeltaM_ptr, delta_m_rows + col * stride_dmc, TrendM_ptr,
+            trend_m_rows + col * stride_tmc, mask, alpha_m, beta_m, gamma_m, threshold,
+            HAS_DELTA_M, HAS_PREV_M, HAS_TREND_M, WHOLE_ROWS)
+        out += tl.load(GateM_ptr + gate_m_rows + col * stride_gmc, mask=mask,
+                       other=0.0).to(tl.float32) * fhat
 
-    out_offs = _row_offsets(row, 1, stride_ob, stride_on, tokens)[:, None] + col * stride_oc
-    tl.store(Out_ptr + out_offs, out.to(Out_ptr.dtype.element_ty), mask=mask)
+        tl.store(Out_ptr + out_rows + col * stride_oc, out.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(out, x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp, delta_attn,
@@ -107,12 +115,14 @@ def _launch(out, x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_
     rows = batch * tokens
     if rows == 0 or channels == 0:
         return out
-    block_m, block_c, num_warps = pick_blocks(channels, rows, x.device)
     a = branch_launch_args(x, prev_attn, delta_attn, trend_attn, coef_values[:3],
                             coef_tensor_attn)
     m = branch_launch_args(x, prev_mlp, delta_mlp, trend_mlp, coef_values[3:],
                             coef_tensor_mlp)
-    _cached_block_kernel[(triton.cdiv(rows, block_m),)](
+    tiling = pick_blocks(channels, rows, x.device,
+                         needs_whole_rows(any(a["flags"] + m["flags"]), threshold_value,
+                                          threshold_tensor))
+    _cached_block_kernel[(triton.cdiv(rows, tiling.block_m),)](
         x, gate_attn, gate_mlp, cache_attn, cache_mlp, a["prev"], m["prev"], a["delta"],
         m["delta"], a["trend"], m["trend"], a["coef"], m["coef"],
         threshold_tensor if threshold_tensor is not None else x, out,
@@ -128,7 +138,8 @@ def _launch(out, x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_
         HAS_DELTA_M=m["flags"][0], HAS_PREV_M=m["flags"][1], HAS_TREND_M=m["flags"][2],
         COEF_A_IS_TENSOR=a["coef_is_tensor"], COEF_M_IS_TENSOR=m["coef_is_tensor"],
         THRESHOLD_IS_TENSOR=threshold_tensor is not None,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+        WHOLE_ROWS=tiling.whole_rows, BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c,
+        **tiling.launch_options())
     return out
 
 

@@ -1,7 +1,8 @@
 """Triton kernel of ``cached_branch`` (DESIGN §3): one reused branch, x + gate ⊙ F̂, in one pass.
 
-Eager equivalent: ``eoc_kernels.reference.cached_branch``. Blocking (whole token rows in
-registers), zero-coefficient skipping, int64 offsets and explicit strides: see ``_common``.
+Eager equivalent: ``eoc_kernels.reference.cached_branch``. Blocking (row chunks, or whole token
+rows in registers when the judgment needs them), zero-coefficient skipping, int64 offsets and
+explicit strides: see ``_common``.
 """
 
 from typing import Optional
@@ -18,6 +19,7 @@ from ._common import (
     branch_launch_args,
     check_runnable,
     coef_of,
+    needs_whole_rows,
     pick_blocks,
     register_reference_autograd,
     split_coef,
@@ -42,31 +44,39 @@ def _cached_branch_kernel(
         alpha, beta, gamma, threshold,
         HAS_DELTA: tl.constexpr, HAS_PREV: tl.constexpr, HAS_TREND: tl.constexpr,
         COEF_IS_TENSOR: tl.constexpr, THRESHOLD_IS_TENSOR: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        WHOLE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # flat b·N + n
-    col = tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    mask = (row < rows)[:, None] & (col < channels)
+    row_mask = (row < rows)[:, None]
     if COEF_IS_TENSOR:
         alpha = tl.load(Coef_ptr)
         beta = tl.load(Coef_ptr + stride_coef)
         gamma = tl.load(Coef_ptr + 2 * stride_coef)
     if THRESHOLD_IS_TENSOR:
         threshold = tl.load(Threshold_ptr)
+    # Row offsets [BLOCK_M, 1] of each tensor; a chunk adds its columns times the column stride.
+    x_rows = _row_offsets(row, 1, stride_xb, stride_xn, tokens)[:, None]
+    gate_rows = _row_offsets(row, 1, stride_gb, 0, tokens)[:, None]
+    cache_rows = _row_offsets(row, 1, stride_cb, stride_cn, tokens)[:, None]
+    prev_rows = _row_offsets(row, 1, stride_pb, stride_pn, tokens)[:, None]
+    delta_rows = _row_offsets(row, delta_rows_per_head, stride_dh, stride_dn, tokens)[:, None]
+    trend_rows = _row_offsets(row, trend_rows_per_head, stride_th, stride_tn, tokens)[:, None]
+    out_rows = _row_offsets(row, 1, stride_ob, stride_on, tokens)[:, None]
 
-    fhat = _corrected_feature(
-        Cache_ptr, _row_offsets(row, 1, stride_cb, stride_cn, tokens)[:, None] + col * stride_cc,
-        Prev_ptr, _row_offsets(row, 1, stride_pb, stride_pn, tokens)[:, None] + col * stride_pc,
-        Delta_ptr, _row_offsets(row, delta_rows_per_head, stride_dh, stride_dn, tokens)[:, None]
-        + col * stride_dc,
-        Trend_ptr, _row_offsets(row, trend_rows_per_head, stride_th, stride_tn, tokens)[:, None]
-        + col * stride_tc,
-        mask, alpha, beta, gamma, threshold, HAS_DELTA, HAS_PREV, HAS_TREND)  # [BLOCK_M, BLOCK_C]
-    gate_offs = _row_offsets(row, 1, stride_gb, 0, tokens)[:, None] + col * stride_gc
-    gate = tl.load(Gate_ptr + gate_offs, mask=mask, other=0.0).to(tl.float32)
-    x_offs = _row_offsets(row, 1, stride_xb, stride_xn, tokens)[:, None] + col * stride_xc
-    out = tl.load(X_ptr + x_offs, mask=mask, other=0.0).to(tl.float32) + gate * fhat
-    out_offs = _row_offsets(row, 1, stride_ob, stride_on, tokens)[:, None] + col * stride_oc
-    tl.store(Out_ptr + out_offs, out.to(Out_ptr.dtype.element_ty), mask=mask)
+    end = channels
+    if WHOLE_ROWS:
+        end = 1  # one chunk of BLOCK_C >= C columns: the whole rows
+    for start in range(0, end, BLOCK_C):
+        col = (start + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
+        mask = row_mask & (col < channels)
+        fhat = _corrected_feature(
+            Cache_ptr, cache_rows + col * stride_cc, Prev_ptr, prev_rows + col * stride_pc,
+            Delta_ptr, delta_rows + col * stride_dc, Trend_ptr, trend_rows + col * stride_tc,
+            mask, alpha, beta, gamma, threshold, HAS_DELTA, HAS_PREV, HAS_TREND,
+            WHOLE_ROWS)  # [BLOCK_M, BLOCK_C]
+        gate = tl.load(Gate_ptr + gate_rows + col * stride_gc, mask=mask, other=0.0).to(tl.float32)
+        out = tl.load(X_ptr + x_rows + col * stride_xc, mask=mask,
+                      other=0.0).to(tl.float32) + gate * fhat
+        tl.store(Out_ptr + out_rows + col * stride_oc, out.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(out, x, gate, cache, prev, delta, trend, coef_values, coef_tensor, threshold_value,
@@ -76,10 +86,11 @@ def _launch(out, x, gate, cache, prev, delta, trend, coef_values, coef_tensor, t
     rows = batch * tokens
     if rows == 0 or channels == 0:
         return out
-    block_m, block_c, num_warps = pick_blocks(channels, rows, x.device)
     br = branch_launch_args(x, prev, delta, trend, coef_values, coef_tensor)
     has_delta, has_prev, has_trend = br["flags"]
-    _cached_branch_kernel[(triton.cdiv(rows, block_m),)](
+    tiling = pick_blocks(channels, rows, x.device,
+                         needs_whole_rows(any(br["flags"]), threshold_value, threshold_tensor))
+    _cached_branch_kernel[(triton.cdiv(rows, tiling.block_m),)](
         x, gate, cache, br["prev"], br["delta"], br["trend"], br["coef"],
         threshold_tensor if threshold_tensor is not None else x, out,
         rows, tokens, channels, br["delta_rows_per_head"], br["trend_rows_per_head"],
@@ -88,7 +99,8 @@ def _launch(out, x, gate, cache, prev, delta, trend, coef_values, coef_tensor, t
         *br["coef_values"], threshold_value,
         HAS_DELTA=has_delta, HAS_PREV=has_prev, HAS_TREND=has_trend,
         COEF_IS_TENSOR=br["coef_is_tensor"], THRESHOLD_IS_TENSOR=threshold_tensor is not None,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+        WHOLE_ROWS=tiling.whole_rows, BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c,
+        **tiling.launch_options())
     return out
 
 

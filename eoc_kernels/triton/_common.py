@@ -6,17 +6,28 @@ i.e. ``eoc_kernels.reference.corrected_feature``:
     F̂ = Cc + α·D + β·(Cc − Cp) + γ·(Cc ⊙ E), kept per token only if
     ||F̂ − Cc|| / (||Cc|| + 1e-6) > token_threshold, or token_threshold <= 0.
 
-Blocking (all three kernels): a program owns BLOCK_M whole token rows (b, n) and holds each row in
-registers as one [BLOCK_M, BLOCK_C] tile with BLOCK_C = next_power_of_2(C), so the per-token norms
-are known before the judgment without a second pass over memory: every input is read once and the
-output written once. That caps C at MAX_CHANNELS (DiT widths are <= 4096); wider rows raise before
-any launch. Everything inside is fp32; the store rounds once to the output dtype.
+Blocking (all three kernels, ``pick_blocks``; docs/DESIGN.md §3.5): a program owns BLOCK_M token
+rows (b, n) and walks them in [BLOCK_M, BLOCK_C] chunks; every input is read once and the output
+written once.
+
+- Chunked: no judgment needs the per-token norms (the threshold is a Python float <= 0, or no
+  correction term is on), so BLOCK_C is the power of two that pads C least (C = 1152 = 9 × 128:
+  no idle lane, where one 2048-wide tile left 44% of its lanes masked).
+- Whole rows (WHOLE_ROWS): the judgment needs ||corr|| and ||Cc|| of each token before any
+  output, so a row is one chunk of BLOCK_C = next_power_of_2(C) held in registers (columns >= C
+  masked) and the norms are known before the judgment without a second pass over memory.
+
+That caps C at MAX_CHANNELS (DiT widths are <= 4096); wider rows raise before any launch.
+Everything inside is fp32; the store rounds once to the output dtype. Each launch gives ptxas a
+register budget (``Blocking.launch_options``), so that no variant spills at DiT widths
+(tests/eoc_kernels/test_aot_compile.py compiles them for sm_80 and sm_90 without a GPU).
 
 Zero coefficients: a Python-float coefficient of 0.0 turns its term's constexpr flag off (the
 tensor is never read, the kernel is compiled without it); a tensor coefficient is loaded in the
 kernel and a scalar ``if`` skips the loads of its term when it is 0, so changing values neither
 recompiles nor syncs with the host. Coefficients and the threshold given as Python numbers are fp32
-scalar kernel arguments (not specialized: no recompile when they change).
+scalar kernel arguments (not specialized: no recompile when they change; a threshold crossing 0
+selects the other blocking mode, another compiled variant).
 
 Offsets are int64 (a stacked cache buffer can exceed 2**31 elements); every stride is passed
 explicitly (Triton specializes a stride of 1), so no input needs to be contiguous.
@@ -27,6 +38,7 @@ the "torch" backend's (first order; the token judgment's keep mask is piecewise 
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -37,6 +49,8 @@ from ..errors import InputValueError
 MAX_CHANNELS = 16384  # one row of C fp32 values per tile must fit in registers
 GPU_TILE = 2048  # target fp32 values per program (BLOCK_M · BLOCK_C) on a GPU
 INTERPRETER_TILE = 16384  # the interpreter runs a program as one Python call: fewer, larger ones
+REGISTERS_PER_SM = 65536  # 32-bit registers per SM on sm_80 and sm_90
+MIN_CHUNK = 128  # narrowest chunk of a chunked row: 16 threads × 8 bf16 (128-bit loads)
 
 try:  # kernels decorated under the interpreter run on CPU tensors (tests without a GPU)
     INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -47,11 +61,14 @@ except AttributeError:  # older Triton without knobs
 @triton.jit
 def _corrected_feature(Cache_ptr, cache_offs, Prev_ptr, prev_offs, Delta_ptr, delta_offs,
                        Trend_ptr, trend_offs, mask, alpha, beta, gamma, threshold,
-                       HAS_DELTA: tl.constexpr, HAS_PREV: tl.constexpr, HAS_TREND: tl.constexpr):
+                       HAS_DELTA: tl.constexpr, HAS_PREV: tl.constexpr, HAS_TREND: tl.constexpr,
+                       WHOLE_ROWS: tl.constexpr):
     """F̂ of one [BLOCK_M, BLOCK_C] tile in fp32; masked (padding) elements are 0.
 
     *_offs are element offsets of the tile in each tensor; alpha, beta, gamma, threshold are fp32
-    scalars. A term is read only when its flag is on and its coefficient is nonzero.
+    scalars. A term is read only when its flag is on and its coefficient is nonzero. WHOLE_ROWS:
+    the tile holds whole rows and the judgment applies; otherwise no judgment filters (a chunk of
+    the rows, threshold <= 0: every token is corrected).
     """
     cached = tl.load(Cache_ptr + cache_offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA or HAS_PREV or HAS_TREND:
@@ -68,16 +85,19 @@ def _corrected_feature(Cache_ptr, cache_offs, Prev_ptr, prev_offs, Delta_ptr, de
             if gamma != 0.0:
                 trend = tl.load(Trend_ptr + trend_offs, mask=mask, other=0.0).to(tl.float32)
                 corr += gamma * (cached * trend)
-        # Online judgment, per token (row): the correction's size relative to the cached feature.
-        corr_norm = tl.sqrt(tl.sum(corr * corr, axis=1))  # [BLOCK_M]
-        cached_norm = tl.sqrt(tl.sum(cached * cached, axis=1))
-        score = corr_norm / (cached_norm + 1e-6)  # the 1e-6 of reference._NORM_EPS
-        # A NaN score fails `score > threshold`: corrected only when threshold <= 0. The
-        # threshold is broadcast to [BLOCK_M] first: Triton's interpreter cannot `|` a bool
-        # derived from a loaded scalar with a vector.
-        threshold_rows = tl.zeros_like(score) + threshold
-        keep = (score > threshold_rows) | (threshold_rows <= 0.0)
-        cached += tl.where(keep[:, None], corr, 0.0)
+        if WHOLE_ROWS:
+            # Online judgment, per token (row): the correction's size relative to the cached feature.
+            corr_norm = tl.sqrt(tl.sum(corr * corr, axis=1))  # [BLOCK_M]
+            cached_norm = tl.sqrt(tl.sum(cached * cached, axis=1))
+            score = corr_norm / (cached_norm + 1e-6)  # the 1e-6 of reference._NORM_EPS
+            # A NaN score fails `score > threshold`: corrected only when threshold <= 0. The
+            # threshold is broadcast to [BLOCK_M] first: Triton's interpreter cannot `|` a bool
+            # derived from a loaded scalar with a vector.
+            threshold_rows = tl.zeros_like(score) + threshold
+            keep = (score > threshold_rows) | (threshold_rows <= 0.0)
+            cached += tl.where(keep[:, None], corr, 0.0)
+        else:
+            cached += corr  # what the judgment gives for threshold <= 0, bit for bit
     return cached
 
 
@@ -90,20 +110,59 @@ def _row_offsets(rows, rows_per_head, stride_b, stride_n, tokens):
     return (batch_index // rows_per_head) * stride_b + token_index * stride_n
 
 
-def pick_blocks(channels, rows, device):
-    """(BLOCK_M, BLOCK_C, num_warps) for rows of `channels` values; raises for too wide rows.
+class Blocking(NamedTuple):
+    """How a launch tiles its rows (docs/DESIGN.md §3.5)."""
 
-    GPU: about 2048 fp32 values per tile (one row for C > 1024, several narrow rows otherwise),
-    8 values per thread. Interpreter (CPU): larger tiles, since every program is a Python call.
+    block_m: int  # token rows per program
+    block_c: int  # columns per chunk; whole rows: next_power_of_2(C), one chunk per row
+    whole_rows: bool  # the judgment needs each row in registers (WHOLE_ROWS)
+    num_warps: int
+
+    def launch_options(self):
+        """num_warps, and on CUDA a register budget (ptxas ``.maxnreg``): the most registers a
+        thread of this block size can have (65536 per SM, at most 255). Without one, ptxas spills
+        a register or two to reach the next occupancy step (seen at 40, 64 and 80 registers);
+        with one it allocates what the kernel needs, and spills only past the budget."""
+        options = dict(num_warps=self.num_warps)
+        if torch.version.hip is None:  # ROCm's Triton has no maxnreg option
+            options["maxnreg"] = min(255, REGISTERS_PER_SM // (32 * self.num_warps))
+        return options
+
+
+def needs_whole_rows(has_terms, threshold_value, threshold_tensor):
+    """The token judgment needs each row's norms before any output: some correction term is on
+    and the threshold is a tensor (value unknown at launch) or a float > 0."""
+    return has_terms and (threshold_tensor is not None or threshold_value > 0)
+
+
+def chunk_width(channels, tile):
+    """The power-of-two chunk, between MIN_CHUNK and the tile, that pads C least (the widest
+    of those that tie): 1152 → 128 (9 chunks), 768 → 256, 4096 → 2048, 123 → 128."""
+    widest = min(triton.next_power_of_2(channels), max(tile, MIN_CHUNK))
+    width = best = min(MIN_CHUNK, widest)
+    while width <= widest:
+        if triton.cdiv(channels, width) * width <= triton.cdiv(channels, best) * best:
+            best = width
+        width *= 2
+    return best
+
+
+def pick_blocks(channels, rows, device, whole_rows=True):
+    """The Blocking of a launch over rows of `channels` values; raises for too wide rows.
+
+    whole_rows (``needs_whole_rows``): one chunk of BLOCK_C = next_power_of_2(C) per row, so the
+    judgment sees whole rows; else chunks of ``chunk_width`` columns. GPU: about 2048 fp32 values
+    per tile, 8 values per thread. Interpreter (CPU): larger tiles, since every program is a
+    Python call.
     """
     if channels > MAX_CHANNELS:
         raise InputValueError(f"the triton backend holds a token row in registers and supports "
                          f"C <= {MAX_CHANNELS}, got C = {channels}; use backend='torch'")
-    block_c = triton.next_power_of_2(channels)
     tile = INTERPRETER_TILE if device.type == "cpu" else GPU_TILE
+    block_c = triton.next_power_of_2(channels) if whole_rows else chunk_width(channels, tile)
     block_m = max(1, min(triton.next_power_of_2(max(rows, 1)), tile // block_c))
     num_warps = max(4, min(16, block_m * block_c // 256))
-    return block_m, block_c, num_warps
+    return Blocking(block_m, block_c, whole_rows, num_warps)
 
 
 def register_reference_autograd(op, reference_fn):

@@ -6,8 +6,10 @@ G == 2, Cp = cache[1 - generation[s, k], s, k] (generation clamped into 0..1 in 
 bad value never reads outside the cache). A program loads its x rows once, loops over the
 S·2 entries inside the kernel (reading each entry's cache rows, gate and prior rows once, with the
 generation and the coefficients loaded on the device), accumulates in fp32 registers and writes
-its rows once. Blocking, zero-coefficient skipping, int64 offsets and explicit strides: see
-``_common``.
+its rows once; chunked (no judgment), it does so for each chunk of its rows in turn. The entries
+are one run-time loop (not S × an unrolled pair): each iteration holds one entry's tiles, about
+half the registers of two (tests/eoc_kernels/test_aot_compile.py). Blocking, zero-coefficient
+skipping, int64 offsets and explicit strides: see ``_common``.
 """
 
 from typing import Optional
@@ -22,11 +24,38 @@ from ._common import (
     _corrected_feature,
     _row_offsets,
     check_runnable,
+    needs_whole_rows,
     pick_blocks,
     register_reference_autograd,
     split_threshold,
     threshold_of,
 )
+
+
+@triton.jit
+def _segment_entry(Coef_ptr, Generation_ptr, s64, k, stride_qs, stride_qk, stride_qj,
+                   stride_es, stride_ek, stride_cs, stride_ck, stride_cg,
+                   HAS_COEF: tl.constexpr, TWO_GENERATIONS: tl.constexpr):
+    """(alpha, beta, gamma, Cc offset, Cp offset) of entry (s, k), loaded on the device."""
+    alpha = 0.0
+    beta = 0.0
+    gamma = 0.0
+    if HAS_COEF:
+        coef_ptr = Coef_ptr + s64 * stride_qs + k * stride_qk
+        alpha = tl.load(coef_ptr)
+        beta = tl.load(coef_ptr + stride_qj)
+        gamma = tl.load(coef_ptr + 2 * stride_qj)
+    entry = s64 * stride_cs + k * stride_ck
+    current = entry
+    previous = entry
+    if TWO_GENERATIONS:  # generation[s, k] holds Cc, the other one Cp
+        generation = tl.load(Generation_ptr + s64 * stride_es + k * stride_ek)
+        # Clamped into 0..1 so that a bad value (a device-side assert on CUDA, checked before
+        # the launch) can never make this kernel read outside the cache.
+        generation = tl.minimum(tl.maximum(generation.to(tl.int64), 0), 1)
+        current = entry + generation * stride_cg
+        previous = entry + (1 - generation) * stride_cg
+    return alpha, beta, gamma, current, previous
 
 
 @triton.jit
@@ -45,54 +74,43 @@ def _cached_segment_kernel(
         threshold,
         TWO_GENERATIONS: tl.constexpr, HAS_COEF: tl.constexpr, HAS_DELTA: tl.constexpr,
         HAS_PREV: tl.constexpr, HAS_TREND: tl.constexpr, THRESHOLD_IS_TENSOR: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        WHOLE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # flat b·N + n
-    col = tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    mask = (row < rows)[:, None] & (col < channels)
+    row_mask = (row < rows)[:, None]
     if THRESHOLD_IS_TENSOR:
         threshold = tl.load(Threshold_ptr)
+    # Row offsets [BLOCK_M, 1], without the entry (s, k) and generation parts.
+    gate_rows = _row_offsets(row, 1, stride_gb, 0, tokens)[:, None]
+    cache_rows = _row_offsets(row, 1, stride_cb, stride_cn, tokens)[:, None]
+    delta_rows = _row_offsets(row, delta_rows_per_head, stride_dh, stride_dn, tokens)[:, None]
+    trend_rows = _row_offsets(row, trend_rows_per_head, stride_th, stride_tn, tokens)[:, None]
+    x_rows = _row_offsets(row, 1, stride_xb, stride_xn, tokens)[:, None]
+    out_rows = _row_offsets(row, 1, stride_ob, stride_on, tokens)[:, None]
 
-    # Per-row tile offsets, without the entry (s, k) and generation parts.
-    gate_offs = _row_offsets(row, 1, stride_gb, 0, tokens)[:, None] + col * stride_gc
-    cache_offs = _row_offsets(row, 1, stride_cb, stride_cn, tokens)[:, None] + col * stride_cc
-    delta_offs = (_row_offsets(row, delta_rows_per_head, stride_dh, stride_dn, tokens)[:, None]
-                  + col * stride_dc)
-    trend_offs = (_row_offsets(row, trend_rows_per_head, stride_th, stride_tn, tokens)[:, None]
-                  + col * stride_tc)
-    x_offs = _row_offsets(row, 1, stride_xb, stride_xn, tokens)[:, None] + col * stride_xc
-    out = tl.load(X_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
-
-    for s in range(0, blocks):
-        s64 = tl.cast(s, tl.int64)
-        for k in tl.static_range(2):  # 0 = attention, 1 = MLP
-            alpha = 0.0
-            beta = 0.0
-            gamma = 0.0
-            if HAS_COEF:
-                coef_ptr = Coef_ptr + s64 * stride_qs + k * stride_qk
-                alpha = tl.load(coef_ptr)
-                beta = tl.load(coef_ptr + stride_qj)
-                gamma = tl.load(coef_ptr + 2 * stride_qj)
-            entry = s64 * stride_cs + k * stride_ck
-            current = entry
-            previous = entry
-            if TWO_GENERATIONS:  # generation[s, k] holds Cc, the other one Cp
-                generation = tl.load(Generation_ptr + s64 * stride_es + k * stride_ek)
-                # Clamped into 0..1 so that a bad value (a device-side assert on CUDA, checked
-                # before the launch) can never make this kernel read outside the cache.
-                generation = tl.minimum(tl.maximum(generation.to(tl.int64), 0), 1)
-                current = entry + generation * stride_cg
-                previous = entry + (1 - generation) * stride_cg
+    end = channels
+    if WHOLE_ROWS:
+        end = 1  # one chunk of BLOCK_C >= C columns: the whole rows
+    for start in range(0, end, BLOCK_C):
+        col = (start + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
+        mask = row_mask & (col < channels)
+        cache_offs = cache_rows + col * stride_cc
+        out = tl.load(X_ptr + x_rows + col * stride_xc, mask=mask,
+                      other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C]
+        for entry in range(0, 2 * blocks):  # (s, k) = (0, attention), (0, MLP), (1, attention), ...
+            s64 = tl.cast(entry // 2, tl.int64)
+            k = tl.cast(entry % 2, tl.int64)  # 0 = attention, 1 = MLP
+            alpha, beta, gamma, current, previous = _segment_entry(
+                Coef_ptr, Generation_ptr, s64, k, stride_qs, stride_qk, stride_qj, stride_es,
+                stride_ek, stride_cs, stride_ck, stride_cg, HAS_COEF, TWO_GENERATIONS)
             fhat = _corrected_feature(
                 Cache_ptr + current, cache_offs, Cache_ptr + previous, cache_offs,
-                Delta_ptr + s64 * stride_ds + k * stride_dk, delta_offs,
-                Trend_ptr + s64 * stride_ts + k * stride_tk, trend_offs,
-                mask, alpha, beta, gamma, threshold, HAS_DELTA, HAS_PREV, HAS_TREND)
+                Delta_ptr + s64 * stride_ds + k * stride_dk, delta_rows + col * stride_dc,
+                Trend_ptr + s64 * stride_ts + k * stride_tk, trend_rows + col * stride_tc,
+                mask, alpha, beta, gamma, threshold, HAS_DELTA, HAS_PREV, HAS_TREND, WHOLE_ROWS)
             gates_ptr = Gates_ptr + s64 * stride_gs + k * stride_gk
-            out += tl.load(gates_ptr + gate_offs, mask=mask, other=0.0).to(tl.float32) * fhat
-
-    out_offs = _row_offsets(row, 1, stride_ob, stride_on, tokens)[:, None] + col * stride_oc
-    tl.store(Out_ptr + out_offs, out.to(Out_ptr.dtype.element_ty), mask=mask)
+            out += tl.load(gates_ptr + gate_rows + col * stride_gc, mask=mask,
+                           other=0.0).to(tl.float32) * fhat
+        tl.store(Out_ptr + out_rows + col * stride_oc, out.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(out, x, gates, cache, generation, delta, trend, coef, threshold_value,
@@ -103,15 +121,17 @@ def _launch(out, x, gates, cache, generation, delta, trend, coef, threshold_valu
     rows = batch * tokens
     if rows == 0 or channels == 0:
         return out
-    block_m, block_c, num_warps = pick_blocks(channels, rows, x.device)
     has_coef = coef is not None
     has_delta = has_coef and delta is not None
     has_trend = has_coef and trend is not None
     two_generations = num_generations == 2
     has_prev = has_coef and two_generations
+    tiling = pick_blocks(channels, rows, x.device,
+                         needs_whole_rows(has_delta or has_prev or has_trend, threshold_value,
+                                          threshold_tensor))
     delta_strides = delta.stride() if has_delta else (0,) * 5  # [S, 2, H, N, C]
     trend_strides = trend.stride() if has_trend else (0,) * 5
-    _cached_segment_kernel[(triton.cdiv(rows, block_m),)](
+    _cached_segment_kernel[(triton.cdiv(rows, tiling.block_m),)](
         x, gates, cache, generation if two_generations else x, delta if has_delta else x,
         trend if has_trend else x, coef if has_coef else x,
         threshold_tensor if threshold_tensor is not None else x, out,
@@ -124,7 +144,8 @@ def _launch(out, x, gates, cache, generation, delta, trend, coef, threshold_valu
         TWO_GENERATIONS=two_generations, HAS_COEF=has_coef, HAS_DELTA=has_delta,
         HAS_PREV=has_prev, HAS_TREND=has_trend,
         THRESHOLD_IS_TENSOR=threshold_tensor is not None,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+        WHOLE_ROWS=tiling.whole_rows, BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c,
+        **tiling.launch_options())
     return out
 
 

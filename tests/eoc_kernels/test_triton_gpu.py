@@ -3,7 +3,8 @@
 Run with plain ``pytest -m gpu tests/eoc_kernels`` on a CUDA machine: tests/conftest.py leaves
 TRITON_INTERPRET off there (under the interpreter these would only repeat test_triton_ops.py slowly,
 so they skip). DiT-XL/2 widths (N = 256, C = 1152), the widest DiT rows (C = 4096) and an odd
-narrow shape; a cached step captured in a CUDA graph checks that no op syncs with the host; a cache
+narrow shape, each with a splitting token threshold (whole rows in registers) and with threshold 0
+(rows walked in chunks); a cached step captured in a CUDA graph checks that no op syncs with the host; a cache
 buffer of more than 2**31 elements checks the int64 offsets. Every op output is poisoned with NaN
 before the kernel writes it (``poisoned_outputs``).
 """
@@ -53,16 +54,17 @@ def branch_kwargs(branch, suffix=""):
     return {f"{key}{suffix}": branch[key] for key in ("prev", "delta", "trend", "coef")}
 
 
+@pytest.mark.parametrize("threshold_form", ["split", "zero"])  # whole rows (judgment) / chunked rows
 @pytest.mark.parametrize("coef_form", ["float", "tensor"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_branch_and_block_match_reference(shape, dtype, coef_form, tolerance, poisoned):
+def test_branch_and_block_match_reference(shape, dtype, coef_form, threshold_form, tolerance, poisoned):
     gen = torch.Generator().manual_seed(40)
     as_coef = {"float": tuple, "tensor": lambda c: torch.tensor(c, dtype=torch.float32)}
     attn = random_branch(gen, *shape, dtype, heads=2 if shape[0] % 2 == 0 else 1,
                          coef=as_coef[coef_form]((0.8, 0.6, -0.5)))
     mlp = random_branch(gen, *shape, dtype, coef=as_coef[coef_form]((0.4, 0.0, 0.9)))
-    threshold = splitting_threshold([attn, mlp])
+    threshold = splitting_threshold([attn, mlp]) if threshold_form == "split" else 0.0
     x = torch.randn(shape, generator=gen).to(dtype)
     x, attn, mlp = to_cuda(x), to_cuda(attn), to_cuda(mlp)
     for op, args, kwargs in [
@@ -78,19 +80,21 @@ def test_branch_and_block_match_reference(shape, dtype, coef_form, tolerance, po
         torch.testing.assert_close(out, expected, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("threshold_form", ["split", "zero"])  # whole rows (judgment) / chunked rows
 @pytest.mark.parametrize("generations", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_segment_matches_reference(shape, dtype, generations, tolerance, poisoned):
+def test_segment_matches_reference(shape, dtype, generations, threshold_form, tolerance, poisoned):
     gen = torch.Generator().manual_seed(41)
     segment = random_segment(gen, *shape, dtype, blocks=4, generations=generations,
                              heads=shape[0])
-    threshold = torch.tensor(segment_threshold(segment))
+    # A tensor threshold splitting the tokens, or a float 0: no judgment, rows walked in chunks.
+    threshold = torch.tensor(segment_threshold(segment)).to(CUDA) if threshold_form == "split" else 0.0
     x = torch.randn(shape, generator=gen).to(dtype)
     x, segment = to_cuda(x), to_cuda({k: v for k, v in segment.items() if k != "entries"})
     args = (x, segment.pop("gates"), segment.pop("cache"), segment.pop("generation"))
     for coef in (segment["coef"], None):
-        kwargs = segment | {"coef": coef, "token_threshold": threshold.to(CUDA)}
+        kwargs = segment | {"coef": coef, "token_threshold": threshold}
         expected = reference.cached_segment(*args, **kwargs)
         written = len(poisoned)
         out = eoc_kernels.cached_segment(*args, **kwargs, backend="triton")

@@ -2,10 +2,11 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA; with
 CUDA this file skips and test_triton_gpu.py runs the compiled kernels), where the launcher picks
-large tiles (several token rows per program) to keep the interpreter fast; the ``gpu_blocking``
+large tiles (several token rows per program) to keep the interpreter fast; the ``blocking``
 cases rerun kernels with the GPU block sizes and with one row per program, so the masking of both
-layouts is exercised. Outputs are poisoned with NaN before every kernel call (``poisoned_outputs``)
-so that an element the kernel fails to write fails the comparison. Kept small for the interpreter:
+layouts is exercised, and ``narrow_chunks`` walks rows in several chunks, the last one partial.
+Outputs are poisoned with NaN before every kernel call (``poisoned_outputs``) so that an element
+the kernel fails to write fails the comparison. Kept small for the interpreter:
 the whole file runs in well under a minute on two cores.
 """
 
@@ -138,6 +139,80 @@ def test_nan_correction_applies_only_when_threshold_nonpositive(threshold, toler
     assert torch.isnan(out[1, 3]).any() == (threshold <= 0)
     out[1, 3] = 0.0
     assert torch.isfinite(out).all()
+
+
+# --- blocking: chunked rows and whole rows ------------------------------------------------------
+
+CUDA_DEVICE = torch.device("cuda")  # a device object only: pick_blocks reads its type
+
+
+@pytest.mark.parametrize("channels, chunked, whole", [
+    (256, (8, 256, 8), (8, 256, 8)), (384, (16, 128, 8), (4, 512, 8)), (768, (8, 256, 8), (2, 1024, 8)),
+    (1024, (2, 1024, 8), (2, 1024, 8)), (1152, (16, 128, 8), (1, 2048, 8)), (4096, (1, 2048, 8), (1, 4096, 16)),
+    (123, (16, 128, 8), (16, 128, 8))])
+def test_gpu_blocking_at_dit_widths(channels, chunked, whole):
+    """(BLOCK_M, BLOCK_C, num_warps): chunks that divide C where a power of two can (1152 = 9 × 128,
+    768 = 3 × 256: every lane holds a column), whole rows padded to a power of two."""
+    common = triton_backend._common
+    for whole_rows, expected in ((False, chunked), (True, whole)):
+        tiling = common.pick_blocks(channels, 512, CUDA_DEVICE, whole_rows)
+        assert (tiling.block_m, tiling.block_c, tiling.num_warps) == expected
+        assert tiling.whole_rows == whole_rows
+        assert tiling.launch_options()["maxnreg"] == min(255, 65536 // (32 * tiling.num_warps))
+
+
+def test_whole_rows_only_when_the_judgment_needs_them():
+    needs = triton_backend._common.needs_whole_rows
+    threshold = torch.tensor(0.0)
+    assert not needs(True, 0.0, None) and not needs(True, -1.0, None)  # threshold <= 0 keeps every token
+    assert needs(True, 0.1, None) and needs(True, 0.0, threshold)  # a tensor's value is unknown at launch
+    assert not needs(False, 0.5, threshold)  # no term, no correction to judge
+
+
+@pytest.fixture
+def narrow_chunks(monkeypatch):
+    """Chunks of at most 32 columns, one row per program: C = 123 takes four chunks (the last one 27
+    wide, masked), C = 1152 36 of them; whole rows keep one chunk per row. Records every launch's
+    Blocking."""
+    common = triton_backend._common
+    monkeypatch.setattr(common, "MIN_CHUNK", 16)
+    monkeypatch.setattr(common, "INTERPRETER_TILE", 32)
+    tilings = []
+    pick_blocks = common.pick_blocks
+
+    def recording(*args, **kwargs):
+        tilings.append(pick_blocks(*args, **kwargs))
+        return tilings[-1]
+
+    for module in (triton_backend._branch, triton_backend._block, triton_backend._segment):
+        monkeypatch.setattr(module, "pick_blocks", recording)
+    return tilings
+
+
+@pytest.mark.parametrize("threshold", ["zero", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 123), (1, 3, 1152)], ids=str)
+@pytest.mark.parametrize("op", ["branch", "block", "segment"])
+def test_chunked_rows_match_naive(op, shape, dtype, threshold, tolerance, narrow_chunks, poisoned_outputs):
+    """Rows walked in several chunks (threshold 0: no judgment) and whole rows (a splitting
+    threshold) against the naive fp64 loop; every output element written."""
+    gen = torch.Generator().manual_seed(34)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    if op == "segment":
+        segment = random_segment(gen, *shape, dtype, blocks=2, heads=shape[0])
+        value = segment_threshold(segment) if threshold == "split" else 0.0
+        out = run_segment(x, segment, token_threshold=value, **TRITON)
+        assert_matches_naive(out, x, segment["entries"], value, tolerance(dtype))
+    else:
+        branches = [random_branch(gen, *shape, dtype, coef=coef)
+                    for coef in [(0.8, 0.6, -0.5), (0.4, 1.0, 0.9)][: 1 if op == "branch" else 2]]
+        value = splitting_threshold(branches) if threshold == "split" else 0.0
+        out = run_op(x, branches, token_threshold=value, **TRITON)
+        assert_matches_naive(out, x, branches, value, tolerance(dtype))
+    assert len(poisoned_outputs) == 1 and torch.isfinite(out).all()
+    (tiling,) = narrow_chunks
+    assert tiling.whole_rows == (threshold == "split")
+    assert tiling.block_c == ({123: 128, 1152: 2048}[shape[2]] if tiling.whole_rows else 32)
 
 
 # --- against the reference: coefficients, layouts, blocking -------------------------------------
