@@ -1,0 +1,510 @@
+// C++ CPU kernels of the EOC ops (docs/DESIGN.md §3), built into the Python module eoc_kernels._C.
+//
+// Eager equivalent: eoc_kernels/reference.py (cached_branch, cached_block, cached_segment), which is
+// the ground truth of every test. The kernel body is cpu_kernels.h; this file holds the operand
+// descriptors, the per-op argument handling, the run-time choice of instruction set and the
+// registration:
+//
+//   TORCH_LIBRARY(eoc_cpp): out-variant ops writing a caller-allocated output (eoc_kernels/cpp.py
+//   allocates it, so tests can poison it, and wraps these in functional custom ops with a fake and
+//   a reference backward):
+//     eoc_cpp::cached_branch_out(x, gate, cache, prev?, delta?, trend?, coef_values, coef_tensor?,
+//                                threshold_value, threshold_tensor?, out!)
+//     eoc_cpp::cached_block_out(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn?, prev_mlp?,
+//                               delta_attn?, delta_mlp?, trend_attn?, trend_mlp?, coef_values[6],
+//                               coef_tensor_attn?, coef_tensor_mlp?, threshold_value, threshold_tensor?,
+//                               out!)
+//     eoc_cpp::cached_segment_out(x, gates, cache, generation, delta?, trend?, coef?, threshold_value,
+//                                 threshold_tensor?, out!)
+//   plus eoc_cpp::isa() / supported_isas() / set_isa(name) (which vectorised variant runs).
+//
+// Argument conventions follow the "triton" backend's eoc:: schema: a coefficient triple is a float
+// list or a float32 [3] tensor (used instead when given), the threshold a float or a one-element float32
+// tensor. Tensor values live on the CPU, so reading them here costs no device sync. The public ops
+// validate everything first (eoc_kernels/_validation.py); the checks here only keep a direct call of
+// torch.ops.eoc_cpp.* from reading outside its tensors.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace eoc_cpu {
+
+// Operand flags of an entry: which correction terms are read.
+constexpr int kHasDelta = 1;
+constexpr int kHasPrev = 2;
+constexpr int kHasTrend = 4;
+constexpr int kFlagCombinations = 8;
+
+// A [B or H, N, C] operand read one token row (b, n) at a time; row b reads entry b / rows_per_head.
+template <typename T>
+struct Rows {
+  const T* data = nullptr;
+  int64_t stride_b = 0, stride_n = 0, stride_c = 1;
+  int64_t rows_per_head = 1;
+  const T* row(int64_t b, int64_t n) const { return data + (b / rows_per_head) * stride_b + n * stride_n; }
+};
+
+template <typename T>
+struct OutRows {
+  T* data = nullptr;
+  int64_t stride_b = 0, stride_n = 0, stride_c = 1;
+  T* row(int64_t b, int64_t n) const { return data + b * stride_b + n * stride_n; }
+};
+
+// One reused entry (a branch of a block): what it reads and its coefficients. flags: the terms read
+// (kHasDelta | kHasPrev | kHasTrend), i.e. given and with a nonzero coefficient.
+template <typename T>
+struct Entry {
+  Rows<T> gate, cache, prev, delta, trend;
+  float alpha = 0.0f, beta = 0.0f, gamma = 0.0f;
+  int flags = 0;
+  bool contiguous = true;  // every operand read but the gate has stride 1 over C
+};
+
+// The kernel body, once per instruction set (see cpu_kernels.h).
+namespace base {
+#include "cpu_kernels.h"
+}  // namespace base
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EOC_MULTI_ISA 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "cpu_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace avx512 {
+#include "cpu_kernels.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#else
+#define EOC_MULTI_ISA 0
+#endif
+
+// --- instruction set ----------------------------------------------------------------------------
+
+enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr const char* kIsaNames[] = {"base", "avx2", "avx512"};
+
+bool isa_supported(int isa) {
+  if (isa == kBase) return true;
+#if EOC_MULTI_ISA
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == kAvx2) return avx2;
+  if (isa == kAvx512) {
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+#endif
+  return false;
+}
+
+int best_isa() {
+  for (int isa = kAvx512; isa > kBase; --isa) {
+    if (isa_supported(isa)) return isa;
+  }
+  return kBase;
+}
+
+int isa_from_name(const std::string& name) {
+  for (int isa = kBase; isa <= kAvx512; ++isa) {
+    if (name == kIsaNames[isa]) return isa;
+  }
+  TORCH_CHECK(false, "eoc_cpp: unknown instruction set '", name, "'; known: base, avx2, avx512");
+  return kBase;
+}
+
+// The variant that runs: the widest one this CPU supports, or $EOC_CPU_ISA when set (read once).
+std::atomic<int>& selected_isa() {
+  static std::atomic<int> isa{[] {
+    const char* env = std::getenv("EOC_CPU_ISA");
+    if (env == nullptr || *env == '\0') return best_isa();
+    const int wanted = isa_from_name(env);
+    TORCH_CHECK(isa_supported(wanted), "eoc_cpp: EOC_CPU_ISA=", env, " is not supported by this CPU");
+    return wanted;
+  }()};
+  return isa;
+}
+
+std::string isa() { return kIsaNames[selected_isa().load()]; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (int isa = kBase; isa <= kAvx512; ++isa) {
+    if (isa_supported(isa)) names.emplace_back(kIsaNames[isa]);
+  }
+  return names;
+}
+
+void set_isa(const std::string& name) {
+  const int wanted = isa_from_name(name);
+  TORCH_CHECK(isa_supported(wanted), "eoc_cpp: instruction set '", name, "' is not supported by this CPU");
+  selected_isa().store(wanted);
+}
+
+template <typename T>
+void run(const Rows<T>& x, const OutRows<T>& out, const std::vector<Entry<T>>& entries, float threshold,
+         int64_t batch, int64_t tokens, int64_t channels) {
+  switch (selected_isa().load()) {
+#if EOC_MULTI_ISA
+    case kAvx512:
+      return avx512::run_entries<T>(x, out, entries, threshold, batch, tokens, channels);
+    case kAvx2:
+      return avx2::run_entries<T>(x, out, entries, threshold, batch, tokens, channels);
+#endif
+    default:
+      return base::run_entries<T>(x, out, entries, threshold, batch, tokens, channels);
+  }
+}
+
+// --- arguments ----------------------------------------------------------------------------------
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+std::string sizes_of(const Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + "]";
+}
+
+void check_feature(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
+              " (the dtype of x), got ", t.scalar_type());
+}
+
+// t must have sizes lead + [rows, N, C] where rows == B, or (per_head) divides B.
+void check_rows(const char* op, const char* name, const Tensor& t, const Tensor& x, std::vector<int64_t> lead,
+                bool per_head) {
+  check_feature(op, name, t, x);
+  const int64_t rank = static_cast<int64_t>(lead.size()) + 3;
+  bool ok = t.dim() == rank;
+  for (size_t d = 0; ok && d < lead.size(); ++d) ok = t.size(static_cast<int64_t>(d)) == lead[d];
+  if (ok) {
+    const int64_t rows = t.size(rank - 3), batch = x.size(0);
+    ok = t.size(rank - 2) == x.size(1) && t.size(rank - 1) == x.size(2) &&
+         (per_head ? rows > 0 && batch % rows == 0 : rows == batch);
+  }
+  TORCH_CHECK(ok, op, ": ", name, " has shape ", sizes_of(t), ", which does not fit x of shape ", sizes_of(x));
+}
+
+void check_x_out(const char* op, const Tensor& x, const Tensor& out) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              op, ": x must have dtype float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape [B, N, C], got ", sizes_of(x));
+  check_feature(op, "out", out, x);
+  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", sizes_of(x), ", got ", sizes_of(out));
+}
+
+// A float32 CPU tensor of `numel` elements (coefficients, threshold).
+const float* float_values(const char* op, const char* name, const Tensor& t, int64_t numel) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == numel, op, ": ", name,
+              " must be a float32 CPU tensor of ", numel, " element(s), got ", t.scalar_type(), " ", sizes_of(t),
+              " on ", t.device());
+  return t.data_ptr<float>();
+}
+
+float threshold_of(const char* op, double value, const OptTensor& tensor) {
+  if (!tensor.has_value()) return static_cast<float>(value);
+  return *float_values(op, "threshold_tensor", *tensor, 1);
+}
+
+struct Coef {
+  float values[3];
+  bool nonzero[3];
+};
+
+// (alpha, beta, gamma) from the float list at `offset`, or from a float32 [3] tensor when given.
+Coef coef_of(const char* op, const char* name, c10::ArrayRef<double> values, size_t offset, const OptTensor& tensor) {
+  Coef coef{};
+  if (tensor.has_value()) {
+    TORCH_CHECK(tensor->dim() == 1, op, ": ", name, " must have shape [3], got ", sizes_of(*tensor));
+    const float* data = float_values(op, name, *tensor, 3);
+    for (int j = 0; j < 3; ++j) {
+      coef.values[j] = data[j * tensor->stride(0)];
+      coef.nonzero[j] = coef.values[j] != 0.0f;
+    }
+    return coef;
+  }
+  TORCH_CHECK(values.size() >= offset + 3, op, ": coef_values must hold ", offset + 3, " numbers, got ",
+              values.size());
+  for (int j = 0; j < 3; ++j) {
+    coef.values[j] = static_cast<float>(values[offset + j]);
+    coef.nonzero[j] = values[offset + j] != 0.0;  // as the reference's `c != 0` on the Python number
+  }
+  return coef;
+}
+
+template <typename T>
+Rows<T> rows_of(const T* data, int64_t stride_b, int64_t stride_n, int64_t stride_c, int64_t heads, int64_t batch) {
+  Rows<T> rows;
+  rows.data = data;
+  rows.stride_b = stride_b;
+  rows.stride_n = stride_n;
+  rows.stride_c = stride_c;
+  rows.rows_per_head = batch / heads;
+  return rows;
+}
+
+// Rows of a [..., rows, N, C] tensor at leading index `offset` (elements), its last three strides.
+template <typename T>
+Rows<T> rows_of(const Tensor& t, int64_t offset, int64_t batch) {
+  const int64_t d = t.dim();
+  return rows_of<T>(t.data_ptr<T>() + offset, t.stride(d - 3), t.stride(d - 2), t.stride(d - 1), t.size(d - 3),
+                    batch);
+}
+
+template <typename T>
+void finish_entry(Entry<T>& e) {
+  e.contiguous = e.cache.stride_c == 1 && ((e.flags & kHasPrev) == 0 || e.prev.stride_c == 1) &&
+                 ((e.flags & kHasDelta) == 0 || e.delta.stride_c == 1) &&
+                 ((e.flags & kHasTrend) == 0 || e.trend.stride_c == 1);
+}
+
+// A reused branch of cached_branch / cached_block: gate [B, C], cache / prev [B, N, C], delta / trend [H, N, C].
+template <typename T>
+Entry<T> branch_entry(const Tensor& gate, const Tensor& cache, const OptTensor& prev, const OptTensor& delta,
+                      const OptTensor& trend, const Coef& coef, int64_t batch) {
+  Entry<T> e;
+  e.gate = rows_of<T>(gate.data_ptr<T>(), gate.stride(0), 0, gate.stride(1), batch, batch);
+  e.cache = rows_of<T>(cache, 0, batch);
+  e.alpha = coef.values[0];
+  e.beta = coef.values[1];
+  e.gamma = coef.values[2];
+  if (delta.has_value() && coef.nonzero[0]) {
+    e.delta = rows_of<T>(*delta, 0, batch);
+    e.flags |= kHasDelta;
+  }
+  if (prev.has_value() && coef.nonzero[1]) {
+    e.prev = rows_of<T>(*prev, 0, batch);
+    e.flags |= kHasPrev;
+  }
+  if (trend.has_value() && coef.nonzero[2]) {
+    e.trend = rows_of<T>(*trend, 0, batch);
+    e.flags |= kHasTrend;
+  }
+  finish_entry(e);
+  return e;
+}
+
+template <typename T>
+void run_op(const Tensor& x, const Tensor& out, const std::vector<Entry<T>>& entries, float threshold) {
+  Rows<T> x_rows = rows_of<T>(x, 0, x.size(0));
+  OutRows<T> out_rows;
+  out_rows.data = out.data_ptr<T>();
+  out_rows.stride_b = out.stride(0);
+  out_rows.stride_n = out.stride(1);
+  out_rows.stride_c = out.stride(2);
+  run<T>(x_rows, out_rows, entries, threshold, x.size(0), x.size(1), x.size(2));
+}
+
+// Calls body.template operator()<T>() with T the C++ type of x's dtype.
+template <typename Body>
+void dispatch_dtype(const Tensor& x, Body&& body) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return body.template operator()<float>();
+    case at::kHalf:
+      return body.template operator()<c10::Half>();
+    case at::kBFloat16:
+      return body.template operator()<c10::BFloat16>();
+    default:
+      TORCH_CHECK(false, "eoc_cpp: unsupported dtype ", x.scalar_type());
+  }
+}
+
+bool empty(const Tensor& x) { return x.numel() == 0; }
+
+// --- ops ----------------------------------------------------------------------------------------
+
+void check_branch(const char* op, const Tensor& x, const char* gate_name, const Tensor& gate, const char* cache_name,
+                  const Tensor& cache, const char* prev_name, const OptTensor& prev, const char* delta_name,
+                  const OptTensor& delta, const char* trend_name, const OptTensor& trend) {
+  check_feature(op, gate_name, gate, x);
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(2), op, ": ", gate_name,
+              " has shape ", sizes_of(gate), ", which does not fit x of shape ", sizes_of(x));
+  check_rows(op, cache_name, cache, x, {}, false);
+  if (prev.has_value()) check_rows(op, prev_name, *prev, x, {}, false);
+  if (delta.has_value()) check_rows(op, delta_name, *delta, x, {}, true);
+  if (trend.has_value()) check_rows(op, trend_name, *trend, x, {}, true);
+}
+
+void cached_branch_out(const Tensor& x, const Tensor& gate, const Tensor& cache, const OptTensor& prev,
+                       const OptTensor& delta, const OptTensor& trend, c10::ArrayRef<double> coef_values,
+                       const OptTensor& coef_tensor, double threshold_value, const OptTensor& threshold_tensor,
+                       Tensor& out) {
+  constexpr const char* op = "eoc_cpp::cached_branch_out";
+  check_x_out(op, x, out);
+  check_branch(op, x, "gate", gate, "cache", cache, "prev", prev, "delta", delta, "trend", trend);
+  const Coef coef = coef_of(op, "coef_tensor", coef_values, 0, coef_tensor);
+  const float threshold = threshold_of(op, threshold_value, threshold_tensor);
+  if (empty(x)) return;
+  dispatch_dtype(x, [&]<typename T>() {
+    std::vector<Entry<T>> entries{branch_entry<T>(gate, cache, prev, delta, trend, coef, x.size(0))};
+    run_op<T>(x, out, entries, threshold);
+  });
+}
+
+void cached_block_out(const Tensor& x, const Tensor& gate_attn, const Tensor& gate_mlp, const Tensor& cache_attn,
+                      const Tensor& cache_mlp, const OptTensor& prev_attn, const OptTensor& prev_mlp,
+                      const OptTensor& delta_attn, const OptTensor& delta_mlp, const OptTensor& trend_attn,
+                      const OptTensor& trend_mlp, c10::ArrayRef<double> coef_values,
+                      const OptTensor& coef_tensor_attn, const OptTensor& coef_tensor_mlp, double threshold_value,
+                      const OptTensor& threshold_tensor, Tensor& out) {
+  constexpr const char* op = "eoc_cpp::cached_block_out";
+  check_x_out(op, x, out);
+  check_branch(op, x, "gate_attn", gate_attn, "cache_attn", cache_attn, "prev_attn", prev_attn, "delta_attn",
+               delta_attn, "trend_attn", trend_attn);
+  check_branch(op, x, "gate_mlp", gate_mlp, "cache_mlp", cache_mlp, "prev_mlp", prev_mlp, "delta_mlp", delta_mlp,
+               "trend_mlp", trend_mlp);
+  TORCH_CHECK(coef_values.size() == 6, op, ": coef_values must hold 6 numbers (attention, then MLP), got ",
+              coef_values.size());
+  const Coef attn = coef_of(op, "coef_tensor_attn", coef_values, 0, coef_tensor_attn);
+  const Coef mlp = coef_of(op, "coef_tensor_mlp", coef_values, 3, coef_tensor_mlp);
+  const float threshold = threshold_of(op, threshold_value, threshold_tensor);
+  if (empty(x)) return;
+  dispatch_dtype(x, [&]<typename T>() {
+    const int64_t batch = x.size(0);
+    std::vector<Entry<T>> entries{
+        branch_entry<T>(gate_attn, cache_attn, prev_attn, delta_attn, trend_attn, attn, batch),
+        branch_entry<T>(gate_mlp, cache_mlp, prev_mlp, delta_mlp, trend_mlp, mlp, batch)};
+    run_op<T>(x, out, entries, threshold);
+  });
+}
+
+void cached_segment_out(const Tensor& x, const Tensor& gates, const Tensor& cache, const Tensor& generation,
+                        const OptTensor& delta, const OptTensor& trend, const OptTensor& coef,
+                        double threshold_value, const OptTensor& threshold_tensor, Tensor& out) {
+  constexpr const char* op = "eoc_cpp::cached_segment_out";
+  check_x_out(op, x, out);
+  check_feature(op, "cache", cache, x);
+  TORCH_CHECK(cache.dim() == 6 && (cache.size(0) == 1 || cache.size(0) == 2) && cache.size(2) == 2 &&
+                  cache.size(3) == x.size(0) && cache.size(4) == x.size(1) && cache.size(5) == x.size(2),
+              op, ": cache must have shape [G, S, 2, B, N, C] with G in {1, 2}, got ", sizes_of(cache));
+  const int64_t generations = cache.size(0), blocks = cache.size(1);
+  const int64_t batch = x.size(0), channels = x.size(2);
+  check_feature(op, "gates", gates, x);
+  TORCH_CHECK(gates.dim() == 4 && gates.size(0) == batch && gates.size(1) == blocks && gates.size(2) == 2 &&
+                  gates.size(3) == channels,
+              op, ": gates must have shape [B, S, 2, C], got ", sizes_of(gates));
+  TORCH_CHECK(generation.device().is_cpu() && (generation.scalar_type() == at::kInt || generation.scalar_type() == at::kLong) &&
+                  generation.dim() == 2 && generation.size(0) == blocks && generation.size(1) == 2,
+              op, ": generation must be an int32 or int64 CPU tensor of shape [S, 2], got ", generation.scalar_type(),
+              " ", sizes_of(generation));
+  if (delta.has_value()) check_rows(op, "delta", *delta, x, {blocks, 2}, true);
+  if (trend.has_value()) check_rows(op, "trend", *trend, x, {blocks, 2}, true);
+  const float* coef_data = nullptr;
+  if (coef.has_value()) {
+    TORCH_CHECK(coef->dim() == 3 && coef->size(0) == blocks && coef->size(1) == 2 && coef->size(2) == 3, op,
+                ": coef must have shape [S, 2, 3], got ", sizes_of(*coef));
+    coef_data = float_values(op, "coef", *coef, blocks * 6);
+  }
+  const float threshold = threshold_of(op, threshold_value, threshold_tensor);
+  if (empty(x)) return;
+
+  // Generations and coefficients on the host (CPU memory: no device sync).
+  std::vector<int64_t> current(static_cast<size_t>(blocks * 2), 0);
+  for (int64_t s = 0; s < blocks; ++s) {
+    for (int64_t k = 0; k < 2; ++k) {
+      const int64_t offset = s * generation.stride(0) + k * generation.stride(1);
+      const int64_t g = generation.scalar_type() == at::kInt ? generation.data_ptr<int32_t>()[offset]
+                                                             : generation.data_ptr<int64_t>()[offset];
+      TORCH_CHECK(generations == 1 || (g >= 0 && g < generations), op, ": generation values must be in 0..",
+                  generations - 1, ", got ", g);
+      current[static_cast<size_t>(s * 2 + k)] = generations == 1 ? 0 : g;
+    }
+  }
+  dispatch_dtype(x, [&]<typename T>() {
+    std::vector<Entry<T>> entries;
+    entries.reserve(static_cast<size_t>(blocks * 2));
+    const T* gates_data = gates.data_ptr<T>();
+    for (int64_t s = 0; s < blocks; ++s) {
+      for (int64_t k = 0; k < 2; ++k) {
+        Entry<T> e;
+        const int64_t g = current[static_cast<size_t>(s * 2 + k)];
+        const int64_t entry = s * cache.stride(1) + k * cache.stride(2);
+        e.gate = rows_of<T>(gates_data + s * gates.stride(1) + k * gates.stride(2), gates.stride(0), 0,
+                            gates.stride(3), batch, batch);
+        e.cache = rows_of<T>(cache, entry + g * cache.stride(0), batch);
+        if (coef_data != nullptr) {  // coef None: plain reuse, nothing else is read
+          const float* c = coef_data + s * coef->stride(0) + k * coef->stride(1);
+          e.alpha = c[0];
+          e.beta = c[coef->stride(2)];
+          e.gamma = c[2 * coef->stride(2)];
+          if (delta.has_value() && e.alpha != 0.0f) {
+            e.delta = rows_of<T>(*delta, s * delta->stride(0) + k * delta->stride(1), batch);
+            e.flags |= kHasDelta;
+          }
+          if (generations == 2 && e.beta != 0.0f) {  // Cp: the other generation
+            e.prev = rows_of<T>(cache, entry + (1 - g) * cache.stride(0), batch);
+            e.flags |= kHasPrev;
+          }
+          if (trend.has_value() && e.gamma != 0.0f) {
+            e.trend = rows_of<T>(*trend, s * trend->stride(0) + k * trend->stride(1), batch);
+            e.flags |= kHasTrend;
+          }
+        }
+        finish_entry(e);
+        entries.push_back(e);
+      }
+    }
+    run_op<T>(x, out, entries, threshold);
+  });
+}
+
+}  // namespace eoc_cpu
+
+TORCH_LIBRARY(eoc_cpp, m) {
+  m.def(
+      "cached_branch_out(Tensor x, Tensor gate, Tensor cache, Tensor? prev, Tensor? delta, Tensor? trend, "
+      "float[] coef_values, Tensor? coef_tensor, float threshold_value, Tensor? threshold_tensor, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "cached_block_out(Tensor x, Tensor gate_attn, Tensor gate_mlp, Tensor cache_attn, Tensor cache_mlp, "
+      "Tensor? prev_attn, Tensor? prev_mlp, Tensor? delta_attn, Tensor? delta_mlp, Tensor? trend_attn, "
+      "Tensor? trend_mlp, float[] coef_values, Tensor? coef_tensor_attn, Tensor? coef_tensor_mlp, "
+      "float threshold_value, Tensor? threshold_tensor, Tensor(a!) out) -> ()");
+  m.def(
+      "cached_segment_out(Tensor x, Tensor gates, Tensor cache, Tensor generation, Tensor? delta, Tensor? trend, "
+      "Tensor? coef, float threshold_value, Tensor? threshold_tensor, Tensor(a!) out) -> ()");
+  m.def("isa() -> str", &eoc_cpu::isa);
+  m.def("supported_isas() -> str[]", &eoc_cpu::supported_isas);
+  m.def("set_isa(str name) -> ()", &eoc_cpu::set_isa);
+}
+
+TORCH_LIBRARY_IMPL(eoc_cpp, CPU, m) {
+  m.impl("cached_branch_out", &eoc_cpu::cached_branch_out);
+  m.impl("cached_block_out", &eoc_cpu::cached_block_out);
+  m.impl("cached_segment_out", &eoc_cpu::cached_segment_out);
+}
+
+// `import eoc_kernels._C` loads this library, which registers the ops above; the module itself is empty.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "EOC CPU kernels: the eoc_cpp ops (torch.ops.eoc_cpp)",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}
