@@ -5,7 +5,7 @@ The ops of DESIGN §3 behind one dispatcher; ``reference`` is the eager ground t
 
 import importlib.util
 
-from . import reference
+from . import cpp, reference  # cpp registers the "cpp" backend (available when eoc_kernels._C is built)
 from .dispatch import available_backends, resolve_backend
 from .ops import cached_block, cached_branch, cached_segment
 
@@ -14,5 +14,11 @@ if importlib.util.find_spec("triton") is not None:  # the package works without 
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "cached_block", "cached_branch", "cached_segment", "reference",
+
+def cpp_available() -> bool:
+    """Whether the C++ CPU kernels (``eoc_kernels._C``, the "cpp" backend) are built and loaded."""
+    return cpp.AVAILABLE
+
+
+__all__ = ["available_backends", "cached_block", "cached_branch", "cached_segment", "cpp_available", "reference",
            "resolve_backend"]

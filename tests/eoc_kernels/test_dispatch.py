@@ -16,11 +16,11 @@ def no_env_backend(monkeypatch):
 
 @pytest.fixture
 def registry(monkeypatch):
-    """A private copy of the backend registry, so a test may register backends freely, and a
-    backend name "cpp" between "triton" and "torch" for them (as a compiled backend would add)."""
+    """A private copy of the backend registry without the real "cpp" backend (eoc_kernels.cpp), so a
+    test may register fake "cpp" implementations freely."""
     monkeypatch.setattr(dispatch, "_REGISTRY",
-                        {op: dict(impls) for op, impls in dispatch._REGISTRY.items()})
-    monkeypatch.setattr(dispatch, "BACKENDS", ("triton", "cpp", "torch"))
+                        {op: {name: impl for name, impl in impls.items() if name != "cpp"}
+                         for op, impls in dispatch._REGISTRY.items()})
     return dispatch._REGISTRY
 
 
@@ -35,17 +35,22 @@ def triton_on_cpu():
     return backend is not None and backend.is_available(CPU)
 
 
-CPU_BACKENDS = ["triton", "torch"] if triton_on_cpu() else ["torch"]
+CPP = eoc_kernels.cpp_available()  # the C++ kernels, eoc_kernels._C (tests/eoc_kernels/test_cpp_ops.py)
+#: The real backends on CPU, and the ones the fake registrations below see (no real "cpp" there).
+CPU_BACKENDS = (["triton"] if triton_on_cpu() else []) + (["cpp"] if CPP else []) + ["torch"]
+NON_CPP_CPU_BACKENDS = [name for name in CPU_BACKENDS if name != "cpp"]
+AUTO_ON_CPU = "cpp" if CPP else "torch"
 
 
-def test_auto_picks_torch_on_cpu():
+def test_auto_on_cpu_picks_cpp_when_built_else_torch():
     # The Triton interpreter runs on CPU (tests) but is never "auto"'s pick.
+    auto = AUTO_ON_CPU
     assert available_backends(CPU) == CPU_BACKENDS
     assert available_backends("cpu", "cached_segment") == CPU_BACKENDS
     assert available_backends(torch.device("meta")) == ["torch"]
-    assert resolve_backend(None, CPU) == "torch"
-    assert resolve_backend("auto", CPU) == "torch"
-    assert resolve_backend("auto", CPU, "cached_block") == "torch"
+    assert resolve_backend(None, CPU) == auto
+    assert resolve_backend("auto", CPU) == auto
+    assert resolve_backend("auto", CPU, "cached_block") == auto
     assert resolve_backend("torch", CPU) == "torch"
 
 
@@ -70,8 +75,8 @@ def test_auto_skips_backends_not_eligible_for_auto(registry):
     assert resolve_backend("cpp", CPU, "cached_branch") == "cpp"
 
 
-@pytest.mark.parametrize("value, expected", [("torch", "torch"), ("auto", "torch"),
-                                             (" Torch ", "torch"), ("", "torch")])
+@pytest.mark.parametrize("value, expected", [("torch", "torch"), ("auto", AUTO_ON_CPU),
+                                             (" Torch ", "torch"), ("", AUTO_ON_CPU)])
 def test_env_var_is_read(monkeypatch, value, expected):
     monkeypatch.setenv("EOC_BACKEND", value)
     assert resolve_backend(None, CPU) == expected
@@ -79,12 +84,12 @@ def test_env_var_is_read(monkeypatch, value, expected):
 
 def test_backend_names_are_the_implemented_ones():
     # No reserved names without an implementation behind them: a compiled backend adds its name
-    # together with its implementation.
-    assert dispatch.BACKENDS == ("triton", "torch")
+    # together with its implementation ("cpp": eoc_kernels.cpp, usable when eoc_kernels._C is built).
+    assert dispatch.BACKENDS == ("triton", "cpp", "torch")
 
 
 def test_unknown_backend_lists_valid_names(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*: auto, triton, torch$"):
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*: auto, triton, cpp, torch$"):
         resolve_backend("tpu", CPU)
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         cached_branch(*branch_inputs(), backend="tpu")
@@ -93,7 +98,7 @@ def test_unknown_backend_lists_valid_names(monkeypatch):
         cached_branch(*branch_inputs())
 
 
-@pytest.mark.parametrize("name", ["cuda", "cpp"])
+@pytest.mark.parametrize("name", ["cuda"])
 def test_unimplemented_backend_names_are_unknown(monkeypatch, name):
     with pytest.raises(ValueError, match=rf"unknown backend '{name}'"):
         resolve_backend(name, CPU)
@@ -110,7 +115,7 @@ def test_backend_not_available_on_device(registry):
     dispatch.register_backend("cached_branch", "cpp", lambda *a, **k: None,
                               lambda device: device.type == "cuda")
     pattern = (rf"backend 'cpp' .*not available for device cpu; available: "
-               rf"{', '.join(CPU_BACKENDS)}")
+               rf"{', '.join(NON_CPP_CPU_BACKENDS)}")
     with pytest.raises(ValueError, match=pattern):
         resolve_backend("cpp", CPU, "cached_branch")
     with pytest.raises(ValueError, match=pattern):
@@ -120,7 +125,7 @@ def test_backend_not_available_on_device(registry):
 def test_backend_argument_overrides_env(monkeypatch):
     monkeypatch.setenv("EOC_BACKEND", "triton")
     assert resolve_backend("torch", CPU) == "torch"
-    assert resolve_backend("auto", CPU) == "torch"
+    assert resolve_backend("auto", CPU) == AUTO_ON_CPU
     monkeypatch.setenv("EOC_BACKEND", "no-such-backend")
     out = cached_branch(*branch_inputs(), backend="torch")
     assert out.shape == (2, 3, 4)
@@ -141,8 +146,8 @@ def test_registered_backend_is_picked_and_dispatched(registry, monkeypatch):
     dispatch.register_backend("cached_branch", "cpp", fake_branch,
                               lambda device: device.type == "cpu")
     # cpp implements cached_branch only: "auto" prefers it there, not for every op.
-    assert available_backends(CPU, "cached_branch") == CPU_BACKENDS[:-1] + ["cpp", "torch"]
-    assert available_backends(CPU) == CPU_BACKENDS
+    assert available_backends(CPU, "cached_branch") == NON_CPP_CPU_BACKENDS[:-1] + ["cpp", "torch"]
+    assert available_backends(CPU) == NON_CPP_CPU_BACKENDS
     assert resolve_backend("auto", CPU, "cached_branch") == "cpp"
     assert available_backends(torch.device("meta"), "cached_branch") == ["torch"]
 
@@ -164,3 +169,14 @@ def test_register_rejects_non_backend_names(registry, name):
 def test_unknown_op():
     with pytest.raises(ValueError, match="unknown op 'cached_nothing'"):
         dispatch.get_impl("cached_nothing", None, CPU)
+
+
+def test_unavailable_backend_names_its_reason(registry):
+    dispatch.register_backend("cached_branch", "cpp", lambda *a, **k: None, lambda device: False,
+                              unavailable_reason=lambda device: f"no kernels for {device} here")
+    with pytest.raises(ValueError, match=r"backend 'cpp' .*not available for device cpu; available: .*: "
+                                         r"no kernels for cpu here$"):
+        resolve_backend("cpp", CPU, "cached_branch")
+    with pytest.raises(TypeError, match="register_backend: unavailable_reason must be callable"):
+        dispatch.register_backend("cached_branch", "cpp", lambda *a, **k: None, lambda device: False,
+                                  unavailable_reason="not built")

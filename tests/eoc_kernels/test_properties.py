@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis): every op of the "triton" backend against the eager reference.
+"""Property-based tests (hypothesis): every op of the "triton" and "cpp" backends against the eager reference.
 
 Each example draws a shape (B in 1..4, N in 1..7, C in 1..70: sizes 1 and odd ones), a dtype, a
 memory layout per input (contiguous, transposed, every other element of a NaN-padded buffer, or
@@ -8,27 +8,33 @@ coefficients, a token threshold (<= 0, in a clear gap between the per-token scor
 of them; a Python number or a tensor) and, for cached_segment, G in {1, 2} with random generations.
 The reference runs on the clean inputs; the kernel's output buffer is NaN-poisoned.
 
-Runs on CPU under the interpreter, where it is slow: the shapes stay tiny and the example counts
-(``EXAMPLES``, 1200 in all) keep the file at about 40 s on two cores; or on CUDA, compiled.
-Examples are drawn afresh on every run (no example database is written); a failure prints the
-blob that reproduces it (``@reproduce_failure``).
+Each test runs once per backend (``backend`` parameter): "triton" on CPU under the interpreter, where
+it is slow (the shapes stay tiny and the example counts, ``EXAMPLES``, 1200 in all, keep it at about
+40 s on two cores), or on CUDA, compiled; "cpp" on CPU tensors with eoc_kernels._C (its kernel variant
+drawn too: AVX-512, AVX2 or SSE2, whichever this CPU supports). A backend that cannot run here skips
+(see triton_setup.py and cpp_setup.py). Examples are drawn afresh on every run (no example database
+is written); a failure prints the blob that reproduces it (``@reproduce_failure``).
 """
 
 import pytest
 import torch
 
 import eoc_kernels
-from eoc_kernels import reference
+from eoc_kernels import cpp, reference
 
 from ..conftest import TOLERANCES
+from . import cpp_setup, triton_setup
 from .naive import DTYPES, naive_scores
-from .triton_setup import DEVICE, NEEDS_TRITON_DEVICE, poisoned_outputs
 
 pytest.importorskip("hypothesis", reason="property tests need hypothesis (a dev dependency)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-pytestmark = NEEDS_TRITON_DEVICE
+#: Each property runs on these backends, on their device, with their output buffers poisoned.
+BACKENDS = [pytest.param("triton", marks=triton_setup.NEEDS_TRITON_DEVICE),
+            pytest.param("cpp", marks=cpp_setup.NEEDS_CPP)]
+DEVICES = {"triton": triton_setup.DEVICE, "cpp": torch.device("cpu")}
+POISONED_OUTPUTS = {"triton": triton_setup.poisoned_outputs, "cpp": cpp_setup.poisoned_outputs}
 
 EXAMPLES = {"cached_branch": 400, "cached_block": 300, "cached_segment": 500}
 NAN = float("nan")
@@ -38,13 +44,13 @@ TERMS = ("delta", "prev", "trend")  # in coefficient order: alpha, beta, gamma
 
 def property_settings(op):
     return settings(max_examples=EXAMPLES[op], deadline=None, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 # --- drawing inputs ------------------------------------------------------------------------------
 
 def laid_out(data, values, label, *, entry_dims=0, pad=NAN):
-    """values (contiguous, on DEVICE) in a drawn memory layout of the same shape.
+    """values (contiguous, on the backend's device) in a drawn memory layout of the same shape.
 
     Returns (tensor, writable): writing writable[i] for an index i over the first entry_dims
     dimensions writes what tensor[i] shows (for poisoning one entry). "expanded" (stride 0 along
@@ -74,8 +80,8 @@ def laid_out(data, values, label, *, entry_dims=0, pad=NAN):
     return values, values
 
 
-def float_values(gen, dtype, *shape, kind="normal"):
-    """Fresh random values on DEVICE: normal, normal with a per-row scale (spreads the judgment
+def float_values(gen, dtype, device, *shape, kind="normal"):
+    """Fresh random values on device: normal, normal with a per-row scale (spreads the judgment
     scores apart), small, or uniform in [-1, 1] (a trend embedding, DESIGN §2)."""
     if kind == "uniform":
         values = 2 * torch.rand(shape, generator=gen) - 1
@@ -85,7 +91,7 @@ def float_values(gen, dtype, *shape, kind="normal"):
             values = values * (0.1 + 2 * torch.rand(*shape[:-1], 1, generator=gen))
         elif kind == "small":
             values = 0.3 * values
-    return values.to(dtype).to(DEVICE)
+    return values.to(dtype).to(device)
 
 
 coefficient = st.one_of(st.just(0.0), st.floats(-1.5, 1.5, width=32, allow_subnormal=False))
@@ -96,31 +102,31 @@ def draw_heads(data, batch, label):
                      label=f"{label} H")
 
 
-def draw_coef(data, label):
+def draw_coef(data, device, label):
     """(alpha, beta, gamma) as a tuple of Python floats or a float32 [3] tensor (maybe strided)."""
     values = tuple(data.draw(st.tuples(coefficient, coefficient, coefficient), label=label))
     if not data.draw(st.booleans(), label=f"{label} is a tensor"):
         return values
-    return laid_out(data, torch.tensor(values, device=DEVICE), label)[0]
+    return laid_out(data, torch.tensor(values, device=device), label)[0]
 
 
-def draw_branch(data, gen, shape, dtype, label):
+def draw_branch(data, gen, shape, dtype, device, label):
     """One reused branch: gate, cache, optional prev/delta/trend (laid out), and coef."""
     batch, tokens, channels = shape
-    branch = {"gate": laid_out(data, float_values(gen, dtype, batch, channels), f"{label} gate")[0],
-              "cache": laid_out(data, float_values(gen, dtype, *shape, kind="scaled"),
+    branch = {"gate": laid_out(data, float_values(gen, dtype, device, batch, channels), f"{label} gate")[0],
+              "cache": laid_out(data, float_values(gen, dtype, device, *shape, kind="scaled"),
                                 f"{label} cache")[0]}
     for term in TERMS:
         branch[term] = None
         if not data.draw(st.booleans(), label=f"{label} has {term}"):
             continue
         rows = batch if term == "prev" else draw_heads(data, batch, f"{label} {term}")
-        values = float_values(gen, dtype, rows, tokens, channels,
+        values = float_values(gen, dtype, device, rows, tokens, channels,
                               kind={"delta": "small", "prev": "small", "trend": "uniform"}[term])
         if term == "prev":
             values = branch["cache"] - values
         branch[term] = laid_out(data, values, f"{label} {term}")[0]
-    branch["coef"] = draw_coef(data, f"{label} coef")
+    branch["coef"] = draw_coef(data, device, f"{label} coef")
     return branch
 
 
@@ -128,8 +134,8 @@ def coef_floats(coef):
     return [float(value) for value in coef]
 
 
-def draw_threshold(data, scores):
-    """A token threshold as a Python float or a float32 tensor ([] or [1]) on DEVICE: <= 0 (every
+def draw_threshold(data, scores, device):
+    """A token threshold as a Python float or a float32 tensor ([] or [1]) on device: <= 0 (every
     correction kept), or in a clear gap of the sorted per-token scores (some kept, some not; no
     decision hangs on rounding), or above them all."""
     kind = data.draw(st.sampled_from(["nonpositive", "gap"]), label="threshold kind")
@@ -146,7 +152,7 @@ def draw_threshold(data, scores):
     form = data.draw(st.sampled_from(["float", "tensor[]", "tensor[1]"]), label="threshold form")
     if form == "float":
         return value
-    return torch.tensor(value if form == "tensor[]" else [value], device=DEVICE)
+    return torch.tensor(value if form == "tensor[]" else [value], device=device)
 
 
 def branch_scores(branch):
@@ -162,16 +168,33 @@ def poisoned_unread(branch):
     out = dict(branch)
     for term, value in zip(TERMS, coef_floats(branch["coef"])):
         if value == 0.0 and out[term] is not None:
-            out[term] = torch.full(out[term].shape, NAN, dtype=out[term].dtype, device=DEVICE)
+            out[term] = torch.full(out[term].shape, NAN, dtype=out[term].dtype, device=out[term].device)
     return out
 
 
-def run_triton(op, *args, **kwargs):
-    """The triton backend's output, with its output buffer NaN-poisoned before the kernel runs."""
-    with poisoned_outputs() as buffers:
-        out = getattr(eoc_kernels, op)(*args, **kwargs, backend="triton")
+def run_backend(backend, op, *args, **kwargs):
+    """The backend's output, with its output buffer NaN-poisoned before the kernel runs."""
+    with POISONED_OUTPUTS[backend]() as buffers:
+        out = getattr(eoc_kernels, op)(*args, **kwargs, backend=backend)
     assert len(buffers) == 1 and out.data_ptr() == buffers[0].data_ptr()
     return out
+
+
+def draw_kernel_variant(data, backend):
+    """For cpp: which of the CPU's kernel variants runs this example (set here, restored by the test)."""
+    if backend == "cpp":
+        cpp.set_isa(data.draw(st.sampled_from(cpp.supported_isas()), label="cpp isa"))
+
+
+@pytest.fixture
+def restore_isa(backend):
+    """The cpp kernel variant in use before the test, restored after it."""
+    if backend != "cpp":
+        yield
+        return
+    default = cpp.isa()
+    yield
+    cpp.set_isa(default)
 
 
 def assert_matches(out, expected, dtype):
@@ -180,14 +203,14 @@ def assert_matches(out, expected, dtype):
     torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
 
 
-def draw_common(data):
+def draw_common(data, device):
     batch = data.draw(st.integers(1, 4), label="B")
     tokens = data.draw(st.integers(1, 7), label="N")
     channels = data.draw(st.integers(1, 70), label="C")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     shape = (batch, tokens, channels)
-    x = laid_out(data, float_values(gen, dtype, *shape), "x")[0]
+    x = laid_out(data, float_values(gen, dtype, device, *shape), "x")[0]
     return shape, dtype, gen, x
 
 
@@ -197,52 +220,61 @@ def branch_kwargs(branch, suffix=""):
 
 # --- properties --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @property_settings("cached_branch")
 @given(data=st.data())
-def test_branch_matches_reference(data):
-    shape, dtype, gen, x = draw_common(data)
-    branch = draw_branch(data, gen, shape, dtype, "branch")
-    threshold = draw_threshold(data, branch_scores(branch))
+def test_branch_matches_reference(backend, restore_isa, data):
+    device = DEVICES[backend]
+    draw_kernel_variant(data, backend)
+    shape, dtype, gen, x = draw_common(data, device)
+    branch = draw_branch(data, gen, shape, dtype, device, "branch")
+    threshold = draw_threshold(data, branch_scores(branch), device)
     expected = reference.cached_branch(x, branch["gate"], branch["cache"],
                                        **branch_kwargs(branch), token_threshold=threshold)
     poisoned = poisoned_unread(branch)
-    out = run_triton("cached_branch", x, branch["gate"], branch["cache"],
+    out = run_backend(backend, "cached_branch", x, branch["gate"], branch["cache"],
                      **branch_kwargs(poisoned), token_threshold=threshold)
     assert_matches(out, expected, dtype)
     assert torch.equal(expected, reference.cached_branch(
         x, branch["gate"], branch["cache"], **branch_kwargs(poisoned), token_threshold=threshold))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @property_settings("cached_block")
 @given(data=st.data())
-def test_block_matches_reference(data):
-    shape, dtype, gen, x = draw_common(data)
-    attn = draw_branch(data, gen, shape, dtype, "attn")
-    mlp = draw_branch(data, gen, shape, dtype, "mlp")
-    threshold = draw_threshold(data, branch_scores(attn) + branch_scores(mlp))
+def test_block_matches_reference(backend, restore_isa, data):
+    device = DEVICES[backend]
+    draw_kernel_variant(data, backend)
+    shape, dtype, gen, x = draw_common(data, device)
+    attn = draw_branch(data, gen, shape, dtype, device, "attn")
+    mlp = draw_branch(data, gen, shape, dtype, device, "mlp")
+    threshold = draw_threshold(data, branch_scores(attn) + branch_scores(mlp), device)
     args = (x, attn["gate"], mlp["gate"], attn["cache"], mlp["cache"])
     expected = reference.cached_block(*args, **branch_kwargs(attn, "_attn"),
                                       **branch_kwargs(mlp, "_mlp"), token_threshold=threshold)
-    out = run_triton("cached_block", *args, **branch_kwargs(poisoned_unread(attn), "_attn"),
+    out = run_backend(backend, "cached_block", *args, **branch_kwargs(poisoned_unread(attn), "_attn"),
                      **branch_kwargs(poisoned_unread(mlp), "_mlp"), token_threshold=threshold)
     assert_matches(out, expected, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @property_settings("cached_segment")
 @given(data=st.data())
-def test_segment_matches_reference(data):
-    shape, dtype, gen, x = draw_common(data)
+def test_segment_matches_reference(backend, restore_isa, data):
+    device = DEVICES[backend]
+    draw_kernel_variant(data, backend)
+    shape, dtype, gen, x = draw_common(data, device)
     batch, tokens, channels = shape
     generations = data.draw(st.sampled_from([1, 2]), label="G")
     blocks = data.draw(st.integers(1, 3), label="S")
-    gates = laid_out(data, float_values(gen, dtype, batch, blocks, 2, channels), "gates")[0]
+    gates = laid_out(data, float_values(gen, dtype, device, batch, blocks, 2, channels), "gates")[0]
     cache, cache_entries = laid_out(
-        data, float_values(gen, dtype, generations, blocks, 2, *shape, kind="scaled"), "cache",
+        data, float_values(gen, dtype, device, generations, blocks, 2, *shape, kind="scaled"), "cache",
         entry_dims=3)
     values = data.draw(st.lists(st.integers(0, generations - 1), min_size=2 * blocks,
                                 max_size=2 * blocks), label="generation")
     index_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="index dtype")
-    generation = laid_out(data, torch.tensor(values, dtype=index_dtype, device=DEVICE).view(
+    generation = laid_out(data, torch.tensor(values, dtype=index_dtype, device=device).view(
         blocks, 2), "generation", pad=7)[0]  # 7: a bad generation, should padding be read
     terms, writable = {}, {}
     for term in ("delta", "trend"):
@@ -250,14 +282,14 @@ def test_segment_matches_reference(data):
         if data.draw(st.booleans(), label=f"has {term}"):
             heads = draw_heads(data, batch, term)
             terms[term], writable[term] = laid_out(
-                data, float_values(gen, dtype, blocks, 2, heads, tokens, channels,
+                data, float_values(gen, dtype, device, blocks, 2, heads, tokens, channels,
                                    kind="small" if term == "delta" else "uniform"), term,
                 entry_dims=2)
     coef = None
     if data.draw(st.booleans(), label="has coef"):
         coef_values = data.draw(st.lists(coefficient, min_size=6 * blocks, max_size=6 * blocks),
                                 label="coef")
-        coef = laid_out(data, torch.tensor(coef_values, device=DEVICE).view(blocks, 2, 3),
+        coef = laid_out(data, torch.tensor(coef_values, device=device).view(blocks, 2, 3),
                         "coef")[0]
 
     # Per-entry branches for the scores (Cp only when G == 2 and coefficients are given).
@@ -274,7 +306,7 @@ def test_segment_matches_reference(data):
                             "trend": None if terms["trend"] is None or coef is None
                             else terms["trend"][s, k],
                             "coef": entry_coef})
-    threshold = draw_threshold(data, [score for entry in entries for score in branch_scores(entry)])
+    threshold = draw_threshold(data, [score for entry in entries for score in branch_scores(entry)], device)
     kwargs = {"delta": terms["delta"], "trend": terms["trend"], "coef": coef,
               "token_threshold": threshold}
     expected = reference.cached_segment(x, gates, cache, generation, **kwargs)
@@ -288,7 +320,7 @@ def test_segment_matches_reference(data):
                     writable[term][s, k] = NAN
             if beta == 0.0 and generations == 2:
                 cache_entries[1 - int(generation[s, k]), s, k] = NAN
-    out = run_triton("cached_segment", x, gates, cache, generation, **kwargs)
+    out = run_backend(backend, "cached_segment", x, gates, cache, generation, **kwargs)
     assert_matches(out, expected, dtype)
     assert torch.equal(expected, reference.cached_segment(x, gates, cache, generation, **kwargs))
 
