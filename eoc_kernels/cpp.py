@@ -36,8 +36,8 @@ try:  # the compiled kernels: importing the module registers torch.ops.eoc_cpp.*
 except (ImportError, OSError) as error:  # not built, or built against another torch
     _C = None
     UNAVAILABLE_REASON = (f"eoc_kernels._C is not importable ({type(error).__name__}: {error}); build it with "
-                          f"`pip install --no-build-isolation -e .` (torch installed first, a C++ compiler on the "
-                          f"PATH) or use backend='torch'")
+                          f"`pip install -r requirements-build.txt` then `pip install --no-build-isolation -e .` "
+                          f"(torch present at build time, a C++ compiler on the PATH), or use backend='torch'")
 else:
     UNAVAILABLE_REASON = None
 
