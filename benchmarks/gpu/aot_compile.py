@@ -29,8 +29,8 @@ Per variant: registers, spill stores / loads and stack frame (from ``ptxas -v``,
 shared memory (``cuobjdump --dump-resource-usage``), the global load / store widths in the SASS (``--dump-sass``;
 LDG.E.128 = 128 bits per thread) and the compile time (front end + ptxas; Triton's cache is a fresh directory).
 Writes Markdown + JSON (``--out STEM``, default benchmarks/results/aot-compile-<date>); ``--compare OLD.json``
-adds C = 1152 before / after figures. Exit status 1 with ``--fail-on-spill`` if a variant spills, 2 if one fails
-to compile.
+adds C = 1152 before / after figures; ``--render NEW.json`` rewrites the Markdown of a run without compiling.
+Exit status 1 with ``--fail-on-spill`` if a variant spills, 2 if one fails to compile.
 
 Needs only the triton wheel: its bundled ptxas (sm_80), ptxas-blackwell (which Triton uses for sm_90a) and
 cuobjdump under triton/backends/nvidia/bin; a missing one raises, naming it. TRITON_INTERPRET is turned off for
@@ -96,6 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--json-only", action="store_true", help="write only <out>.json")
     parser.add_argument("--compare", help="a JSON written by this script for older kernels: C = 1152 before / after")
     parser.add_argument("--fail-on-spill", action="store_true", help="exit status 1 if any variant spills")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the Markdown of a JSON this script wrote")
     return parser.parse_args(argv)
 
 
@@ -436,9 +437,12 @@ def comparison_lines(report, baseline):
            if 1152 in row["widths"] and row.get("widest") and "error" not in row}
     lines = [f"## C = 1152 (DiT-XL/2): commit {baseline['commit']} → {report['commit']}", "",
              "The widest variant of each kernel (every term, tensor coefficients; segment S = 3, G = 2) per "
-             "threshold form. Threshold 0: no judgment, chunked rows now; 0.5 and tensor: whole rows (judgment).",
+             "threshold form. Threshold 0: no judgment, chunked rows now; tensor: whole rows (judgment). Counts "
+             "are instructions in the SASS, i.e. per chunk: chunked, a program of 256 threads covers its 16 rows "
+             "in 9 chunks of 16 × 128 (bf16: 144 loads of 128 bits per input and row, all of them moving data), "
+             "where one 2048-wide tile per row issued 256 (112 of them masked off).",
              "", "| kernel | arch | dtype | threshold | blocking before → after | lanes used | registers | "
-             "LDG bits × count | STG bits × count |", "|---|---|---|---|---|---|---|---|---|"]
+             "spill st/ld B | LDG bits × count | STG bits × count |", "|---" * 10 + "|"]
     for row in sorted(report["variants"], key=lambda r: (r["op"], r["arch"], r["dtype"], r["case"])):
         before = old.get((row["op"], row["arch"], row["dtype"], row["case"]))
         if before is None or 1152 not in row["widths"] or "error" in row:
@@ -446,7 +450,8 @@ def comparison_lines(report, baseline):
         lines.append(
             f"| {row['op']} | {row['arch']} | {row['dtype']} | {row['case'].rsplit('threshold ', 1)[1]} | "
             f"{blocking_of(before)} → {blocking_of(row)} | {lanes_used(before):.0%} → {lanes_used(row):.0%} | "
-            f"{before['registers']} → {row['registers']} | {widths_text(before['loads'])} → "
+            f"{before['registers']} → {row['registers']} | {before['spill_stores']}/{before['spill_loads']} → "
+            f"{row['spill_stores']}/{row['spill_loads']} | {widths_text(before['loads'])} → "
             f"{widths_text(row['loads'])} | {widths_text(before['stores'])} → {widths_text(row['stores'])} |")
     return lines
 
@@ -509,8 +514,19 @@ def markdown(report, baseline=None):
     return "\n".join(lines) + "\n"
 
 
+def load_json(path):
+    if path is None:
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        with open(args.render[: -len(".json")] + ".md", "w") as f:
+            f.write(markdown(load_json(args.render), load_json(args.compare)))
+        return 0
     start = time.perf_counter()
     versions = tool_versions()  # raises, naming the tool, when the wheel lacks one
     ops, widths = tuple(args.op or KERNELS), tuple(args.width or WIDTHS)
@@ -538,12 +554,8 @@ def main(argv=None):
         head = json.dumps({key: value for key, value in report.items() if key != "variants"}, indent=1)
         f.write(head[:-2] + ',\n "variants": [\n' + ",\n".join(json.dumps(row) for row in rows) + "\n ]\n}\n")
     if not args.json_only:
-        baseline = None
-        if args.compare:
-            with open(args.compare) as f:
-                baseline = json.load(f)
         with open(stem + ".md", "w") as f:
-            f.write(markdown(report, baseline))
+            f.write(markdown(report, load_json(args.compare)))
     spilling = [row for row in rows if spills(row) and min(row["widths"]) <= 4096]
     print(f"wrote {stem}.json{'' if args.json_only else ' and .md'} in {report['wall_s']:.0f} s: {len(rows)} "
           f"variants, {len(failures)} failed, {len(spilling)} spilling, max "
