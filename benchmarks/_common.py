@@ -170,6 +170,14 @@ def gbps(nbytes: float, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
+def copy_of(nbytes: int, device):
+    """fn() copying nbytes / 2 bytes into another buffer: nbytes moved (read + write), the floor of an op
+    that must move nbytes, measured at the op's own size (so it sees the same caches)."""
+    src = torch.empty(max(1, nbytes // 8), dtype=torch.float32, device=device).uniform_()  # nbytes / 2 bytes
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def copy_bandwidth(device, *, nbytes: int | None = None, repeats: int = 10) -> float:
     """Measured device copy bandwidth in bytes/s (bytes read + bytes written, as GB/s of the ops count
     them): ``dst.copy_(src)`` on a buffer far larger than the GPU's L2 (1 GiB) or 64 MiB on CPU."""
@@ -193,6 +201,23 @@ ALL_TERMS = ("delta", "prev", "trend")
 COEF = {"delta": 0.8, "prev": 0.6, "trend": -0.5}  # alpha, beta, gamma of a term that is on
 TERM_INDEX = {"delta": 0, "prev": 1, "trend": 2}
 OPS = ("cached_branch", "cached_block", "cached_segment")
+#: cached_segment at the shapes of a cached FORA step on CPU (8 rows = 4 images with CFG): the testbed
+#: DiT (N = 49, C = 256, 6 blocks) and DiT-S/2 at 256x256 (N = 256, C = 384, 12 blocks).
+CPU_SEGMENT_SHAPES = {"testbed": dict(tokens=49, channels=256, blocks=6),
+                      "DiT-S/2": dict(tokens=256, channels=384, blocks=12)}
+CPU_SEGMENT_BATCH = 8
+
+
+def cpp_skip_reason(device) -> str | None:
+    """Why the "cpp" backend is not timed on device (None: it is)."""
+    import eoc_kernels
+    from eoc_kernels import cpp
+
+    if torch.device(device).type != "cpu":
+        return "the cpp backend runs on CPU tensors only"
+    if not eoc_kernels.cpp_available():
+        return f"the cpp backend is not built: {cpp.UNAVAILABLE_REASON}"
+    return None
 
 
 @dataclasses.dataclass

@@ -15,7 +15,9 @@ import argparse
 import json
 import sys
 
-KERNEL_ORDER = {"torch": 0, "triton": 1, "compile": 2}
+KERNEL_ORDER = {"torch": 0, "triton": 1, "cpp": 2, "compile": 3, "copy": 4}
+SEGMENT_CPU_ORDER = {"torch": 0, "compile": 1, "cpp": 2, "copy": 3}
+CORRECTION_ORDER = {"plain": 0, "extrapolate": 1, "all": 2}
 DTYPE_ORDER = {"fp32": 0, "fp16": 1, "bf16": 2}
 
 
@@ -63,6 +65,38 @@ def kernel_tables(benches) -> str:
     return "\n".join(out)
 
 
+def segment_cpu_table(benches) -> str:
+    """cached_segment on CPU: cpp vs eager vs torch.compile vs a copy of the same bytes (test_segment_cpu)."""
+    rows = sorted(benches, key=lambda b: (
+        b["extra_info"]["shapes"]["N"], DTYPE_ORDER.get(b["extra_info"]["dtype"], 9),
+        CORRECTION_ORDER.get(b["extra_info"]["correction"], 9), SEGMENT_CPU_ORDER.get(b["extra_info"]["backend"], 9)))
+    head = ("#### cached_segment on CPU — cpp vs eager reference vs torch.compile(reference) vs a copy of the same "
+            f"bytes, {rows[0]['extra_info']['shapes']['B']} rows\n")
+    table = _table(
+        ["shape", "dtype", "correction", "backend", "median µs", "GB/s", "× eager", "× compile", "% of copy floor"],
+        [[f"{e['shape_name']} (N={e['shapes']['N']}, C={e['shapes']['C']}, S={e['shapes']['S']})", e["dtype"],
+          e["correction"], e["backend"], _fmt(_median(b) * 1e6, ".1f"), _fmt(e.get("gbps"), ".2f"),
+          _fmt(e.get("speedup_vs_eager"), ".2f"), _fmt(e.get("speedup_vs_compile"), ".2f"),
+          _fmt(e.get("pct_copy_floor"), ".0f")]
+         for b in rows for e in [b["extra_info"]]])
+    return head + "\n" + table + "\n" + segment_cpu_targets(rows)
+
+
+def segment_cpu_targets(rows) -> str:
+    """Issue 12's CPU targets per case: cpp ≥ 3× eager, ≥ 1.2× torch.compile, ≥ 60% of the copy floor."""
+    lines = []
+    for b in rows:
+        e = b["extra_info"]
+        if e["backend"] != "cpp":
+            continue
+        checks = [(e.get("speedup_vs_eager"), 3.0, "≥ 3× eager"), (e.get("speedup_vs_compile"), 1.2, "≥ 1.2× compile"),
+                  (None if e.get("pct_copy_floor") is None else e["pct_copy_floor"] / 100, 0.6, "≥ 60% of copy")]
+        verdicts = [f"{label}: {'met' if value >= target else 'MISSED'}" for value, target, label in checks
+                    if value is not None]
+        lines.append(f"- {e['shape_name']} {e['dtype']} {e['correction']}: " + ", ".join(verdicts))
+    return ("Targets (issue 12), cpp rows:\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def step_table(benches) -> str:
     first = benches[0]["extra_info"]
     shapes = first["shapes"]
@@ -78,6 +112,12 @@ def step_table(benches) -> str:
          for b in rows for e in [b["extra_info"]]])
 
 
+def sampling_tables(benches) -> str:
+    """One sampling table per model (the suite's own model, and the trained testbed's comparison)."""
+    models = sorted({b["extra_info"]["model"] for b in benches})
+    return "\n".join(sampling_table([b for b in benches if b["extra_info"]["model"] == model]) for model in models)
+
+
 def sampling_table(benches) -> str:
     first = benches[0]["extra_info"]
     shapes = first["shapes"]
@@ -88,17 +128,19 @@ def sampling_table(benches) -> str:
             f"{first['sampler'].upper()}-{first['steps']}, {first['images']} images with CFG {first['cfg_scale']:g} "
             f"({first['rows']} rows)\n")
     return head + "\n" + _table(
-        ["variant", "backend", "steps computing", "median ms", "speedup vs uncached", "ideal", "% of ideal"],
+        ["variant", "backend", "steps computing", "median ms", "speedup vs uncached", "ideal", "% of ideal",
+         "time ÷ plain FORA"],
         [[e["variant"], e["backend"] or "—", e["full_steps"], _fmt(_median(b) * 1e3, ".1f"),
           _fmt(e.get("speedup_vs_uncached"), ".2f"), _fmt(e.get("ideal_speedup"), ".2f"),
-          _fmt(e.get("pct_of_ideal"), ".0f")]
+          _fmt(e.get("pct_of_ideal"), ".0f"), _fmt(e.get("ratio_to_plain"), ".3f")]
          for b in rows for e in [b["extra_info"]]])
 
 
 def render(run: dict, source: str, note: str | None = None) -> str:
     benches = [b for b in run["benchmarks"] if "suite" in b.get("extra_info", {})]
     parts = [f"### {source}\n", conditions(run) + "\n"] + ([note + "\n"] if note else [])
-    for suite, render_suite in (("kernels", kernel_tables), ("step", step_table), ("sampling", sampling_table)):
+    for suite, render_suite in (("kernels", kernel_tables), ("segment-cpu", segment_cpu_table), ("step", step_table),
+                                ("sampling", sampling_tables)):
         selected = [b for b in benches if b["extra_info"]["suite"] == suite]
         if selected:
             parts.append(render_suite(selected))
