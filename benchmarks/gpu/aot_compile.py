@@ -40,6 +40,7 @@ this process (the interpreter compiles nothing).
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -51,6 +52,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JITFunctions, not the interpreter's
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton runs ptxas -v; this prints its log (spill bytes)
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="eoc-aot-cache-")  # nothing cached: real compile times
+atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)  # the forked workers skip it
 sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
