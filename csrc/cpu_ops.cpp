@@ -84,7 +84,8 @@ namespace base {
 #include "cpu_kernels.h"
 }  // namespace base
 
-#if defined(__x86_64__) && defined(__GNUC__)
+// GCC only: clang ignores `#pragma GCC target`, so there (and off x86-64) only the baseline variant is built.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define EOC_MULTI_ISA 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
