@@ -2,12 +2,11 @@
 
 The C++ extension ``eoc_kernels._C`` (the "cpp" backend's CPU kernels, sources in ``csrc/``) is built
 by default with torch's ``BuildExtension`` (ninja when installed). It needs torch importable at build
-time, so build without isolation, torch installed first (``.ci/run``, README):
+time: pip's isolated build environment gets the pinned torch of ``pyproject.toml``'s ``[build-system]``
+(``pip install -r requirements.txt``, README), or build with ``--no-build-isolation`` against the
+installed torch (a GPU machine's own).
 
-    pip install -r requirements-build.txt                 # torch==2.13.0, setuptools>=70.1, ninja
-    pip install --no-build-isolation -r requirements.txt  # this repository, editable, with [dev]
-
-The extension stays optional: where torch is not importable at build time (an isolated build), no C++
+The extension stays optional: where torch is not importable at build time, no C++
 compiler exists or the build fails, the install goes on with a one-line warning and the ops run on the
 eager reference. ``EOC_BUILD_EXT=0`` skips the extension; ``EOC_BUILD_EXT=1`` makes any of those a build
 error instead. CUDA sources (``csrc/*.cu``, none yet) are added when torch has CUDA and
