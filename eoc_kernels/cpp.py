@@ -4,7 +4,8 @@ Eager equivalent: ``eoc_kernels.reference`` (cached_branch, cached_block, cached
 (``csrc/cpu_ops.cpp``, ``csrc/cpu_kernels.h``) run over token rows in parallel (``at::parallel_for``),
 vectorised for the widest instruction set the CPU has (AVX-512, AVX2 or SSE2, picked at run time;
 ``isa()`` says which), in fp32, reading every input once and writing the output once. ``_C`` is built
-by ``setup.py`` where a C++ compiler and torch exist at build time; without it this module still
+by ``setup.py`` where a C++ compiler and torch exist at build time (``pip install -r requirements.txt``:
+pip's build environment gets the pinned torch); without it this module still
 imports, ``AVAILABLE`` is False and an explicit ``backend="cpp"`` raises a ``ValueError`` saying why.
 
 Layers, as in the "triton" backend:
@@ -36,8 +37,8 @@ try:  # the compiled kernels: importing the module registers torch.ops.eoc_cpp.*
 except (ImportError, OSError) as error:  # not built, or built against another torch
     _C = None
     UNAVAILABLE_REASON = (f"eoc_kernels._C is not importable ({type(error).__name__}: {error}); build it with "
-                          f"`pip install -r requirements-build.txt` then `pip install --no-build-isolation -e .` "
-                          f"(torch present at build time, a C++ compiler on the PATH), or use backend='torch'")
+                          f"`pip install -r requirements.txt` (a C++ compiler on the PATH), or against a torch of "
+                          f"your own with `pip install --no-build-isolation -e .`, or use backend='torch'")
 else:
     UNAVAILABLE_REASON = None
 
