@@ -1,6 +1,6 @@
 """Whether the "cpp" backend (eoc_kernels._C) runs in this test session, and NaN-poisoned outputs for it.
 
-The extension is built by ``pip install --no-build-isolation -r requirements.txt`` (``.ci/run``) wherever a
+The extension is built by ``pip install -r requirements.txt`` (``.ci/run``, the README) wherever a
 C++ compiler exists, so a missing ``_C`` there is a build failure, not a reason to skip: tests that need it
 skip only when no C++ compiler exists (the reference-only install) or when ``EOC_ALLOW_NO_EXT=1`` says the
 session knowingly runs without it; ``test_cpp_ops.test_extension_is_built`` fails otherwise.
