@@ -31,6 +31,11 @@ from typing import Optional
 import torch
 
 from . import dispatch, reference
+from ._custom_ops import coef_of as _coef_of
+from ._custom_ops import register_reference_autograd as _register_reference_autograd
+from ._custom_ops import split_coef as _split_coef
+from ._custom_ops import split_threshold as _split_threshold
+from ._custom_ops import threshold_of as _threshold_of
 
 try:  # the compiled kernels: importing the module registers torch.ops.eoc_cpp.* (by name: no package cycle)
     _C = importlib.import_module(f"{__package__}._C")
@@ -94,62 +99,12 @@ def new_output(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-# --- argument forms (as the "triton" backend's eoc:: schema) -----------------------------------------
-
-def _split_coef(coef):
-    """(coef_values: list of 3 floats, coef_tensor or None)."""
-    if isinstance(coef, torch.Tensor):
-        return [0.0, 0.0, 0.0], coef
-    return [float(value) for value in coef], None
-
-
-def _split_threshold(token_threshold):
-    """(threshold_value: float, threshold_tensor or None)."""
-    if isinstance(token_threshold, torch.Tensor):
-        return 0.0, token_threshold
-    return float(token_threshold), None
-
-
-def _coef_of(coef_values, coef_tensor):
-    return coef_tensor if coef_tensor is not None else tuple(coef_values)
-
-
-def _threshold_of(threshold_value, threshold_tensor):
-    return threshold_tensor if threshold_tensor is not None else threshold_value
-
-
 def _direct(args) -> bool:
     """Whether the kernel may run without the custom op: not traced, and no gradient to record."""
     if torch.compiler.is_compiling():
         return False
     return not (torch.is_grad_enabled()
                 and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args))
-
-
-def _register_reference_autograd(op, reference_fn):
-    """Gives custom op a backward that differentiates reference_fn(*the op's inputs), recomputed on the
-    saved inputs under torch.enable_grad(). The same scheme as the triton backend's
-    ``_common.register_reference_autograd``, kept here so that this backend does not need triton."""
-    def setup_context(ctx, inputs, output):
-        ctx.is_tensor = [isinstance(value, torch.Tensor) for value in inputs]
-        ctx.others = [None if is_tensor else value for value, is_tensor in zip(inputs, ctx.is_tensor)]
-        ctx.save_for_backward(*[value for value, is_tensor in zip(inputs, ctx.is_tensor) if is_tensor])
-
-    def backward(ctx, grad_output):
-        saved = iter(ctx.saved_tensors)
-        inputs = [next(saved) if is_tensor else other for is_tensor, other in zip(ctx.is_tensor, ctx.others)]
-        needs_grad = ctx.needs_input_grad
-        with torch.enable_grad():
-            inputs = [value.detach().requires_grad_() if needs else value
-                      for value, needs in zip(inputs, needs_grad)]
-            out = reference_fn(*inputs)
-            if not out.requires_grad:  # only the threshold needs a gradient: it has none
-                return (None,) * len(inputs)
-            wanted = [value for value, needs in zip(inputs, needs_grad) if needs]
-            grads = iter(torch.autograd.grad(out, wanted, grad_output, allow_unused=True))
-        return tuple(next(grads) if needs else None for needs in needs_grad)
-
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
 # --- cached_branch -------------------------------------------------------------------------------------
