@@ -84,26 +84,28 @@ class Plan:
         self.entries = entries
         self.num_generations = num_generations
         self.sequential_blocks = sequential_blocks
-        # computes[t, l, k] = how many times (l, k) computed before step t.
-        self._computes = torch.cat([torch.zeros(1, *mask.shape[1:], dtype=torch.long), mask.long().cumsum(0)]).tolist()
+        self._mask_rows = mask.tolist()  # [T][L][2] bools: read per block call, so no tensor indexing there
+        # _compute_counts[t][l][k] = how many times (l, k) computed before step t.
+        self._compute_counts = torch.cat([torch.zeros(1, *mask.shape[1:], dtype=torch.long),
+                                          mask.long().cumsum(0)]).tolist()
         self._segments: dict[tuple[int, int], SegmentPlan] = {}
 
     def computes(self, step: int, block: int, branch: int) -> bool:
-        return bool(self.mask[step, block, branch])
+        return self._mask_rows[step][block][branch]
 
     def step_has_reuse(self, step: int) -> bool:
-        return not bool(self.mask[step].all())
+        return not all(all(row) for row in self._mask_rows[step])
 
     def write_generation(self, step: int, block: int, branch: int) -> int:
         """The generation a computing entry writes its output into."""
-        return self._computes[step][block][branch] % self.num_generations
+        return self._compute_counts[step][block][branch] % self.num_generations
 
     def entry(self, step: int, block: int, branch: int) -> EntryPlan:
         return self.entries[(step, block, branch)]
 
     def reuse_entries(self, step: int) -> list[tuple[int, int]]:
         """(block, branch) of every reuse entry of ``step``."""
-        return [(l, k) for l in range(self.num_blocks) for k in range(2) if not self.mask[step, l, k]]
+        return [(l, k) for l in range(self.num_blocks) for k in range(2) if not self._mask_rows[step][l][k]]
 
     def segment(self, step: int, block: int) -> SegmentPlan | None:
         """The run of fully reused blocks holding ``block`` at ``step``, or None if ``block`` computes a
@@ -111,7 +113,7 @@ class Plan:
         key = (step, block)
         if key in self._segments:
             return self._segments[key]
-        reused = [not bool(self.mask[step, l].any()) for l in range(self.num_blocks)]
+        reused = [not any(row) for row in self._mask_rows[step]]
         if not reused[block]:
             return None
         start, stop = block, block + 1

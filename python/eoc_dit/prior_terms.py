@@ -39,8 +39,10 @@ class PriorTerms:
         mean = self.prior.mean
         a_t = mean[step, block, branch].to(device=out.device, dtype=torch.float32)
         a_s = mean[source, block, branch].to(device=out.device, dtype=torch.float32)
-        delta, trend = delta_and_trend(a_t, a_s, self.prior.trend_eps)
-        out.copy_(delta if term == DELTA else trend)
+        if term == DELTA:  # E is not needed: do not compute it
+            out.copy_(a_t - a_s)
+        else:
+            out.copy_(delta_and_trend(a_t, a_s, self.prior.trend_eps)[1])
 
     def entry(self, term: int, step: int, plan: EntryPlan, block: int, branch: int,
               like: torch.Tensor) -> torch.Tensor:
