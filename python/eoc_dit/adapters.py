@@ -13,6 +13,8 @@ blocks differ) and passing an instance to ``apply_eoc(..., adapter=...)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -105,6 +107,22 @@ class ModelAdapter:
         """(x [B, N, C], c [B, C]) from a block's forward arguments."""
         raise NotImplementedError
 
+    def install_forward(self, module, make_forward) -> Callable[[], None]:
+        """Make ``make_forward(original_forward)`` the forward of ``module`` (the model or one of
+        :meth:`blocks`); return the function that undoes it exactly. The default sets the instance
+        attribute ``forward`` and restores the module's ``__dict__`` entry; an adapter whose framework
+        keeps its own hooks (diffusers' HookRegistry) installs there instead."""
+        saved = module.__dict__.get("forward")
+        module.forward = make_forward(module.forward)
+
+        def undo():
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = saved
+
+        return undo
+
 
 class DiTAdapter(ModelAdapter):
     """``eoc_dit.DiT`` and any model with ``model.blocks`` of DiT blocks, ``forward(x, t, y)`` and
@@ -115,7 +133,9 @@ class DiTAdapter(ModelAdapter):
 
     def blocks(self, model):
         if not hasattr(model, "blocks"):
-            raise InputTypeError(f"DiTAdapter expects a model with a .blocks list, got {type(model).__name__}")
+            raise InputTypeError(f"DiTAdapter expects a model with a .blocks list, got {type(model).__name__} "
+                                 "(supported without an adapter: eoc_dit.DiT and diffusers' DiTTransformer2DModel "
+                                 "and PixArtTransformer2DModel)")
         return list(model.blocks)
 
     def timestep(self, args, kwargs):

@@ -28,6 +28,13 @@ from .prior import Prior, PriorMetadata, delta_and_trend, model_fingerprint
 from .schedules import FORASchedule
 
 
+def seed_noise(model, sampler, seed: int) -> torch.Tensor:
+    """[1, C, H, W] noise of ``seed``: the sampler's ``noise_for_seed`` (a diffusers ``PipelineSampler``) or
+    ``diffusion.noise_for_seed(model, seed)``."""
+    own = getattr(sampler, "noise_for_seed", None)
+    return own(seed) if own is not None else noise_for_seed(model, seed)
+
+
 def _batches(pairs, batch_size):
     for start in range(0, len(pairs), batch_size):
         yield pairs[start : start + batch_size]
@@ -36,9 +43,10 @@ def _batches(pairs, batch_size):
 def _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, holdout, batch_size, trend_eps):
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for attr in ("in_channels", "input_size"):
-        if not hasattr(model, attr):
-            raise InputTypeError(f"model must expose .{attr} (the noise shape of a sample)")
+    if not hasattr(sampler, "noise_for_seed"):  # a pipeline sampler knows its noise shape; else the model says
+        for attr in ("in_channels", "input_size"):
+            if not hasattr(model, attr):
+                raise InputTypeError(f"model must expose .{attr} (the noise shape of a sample)")
     if not hasattr(sampler, "sample") or not hasattr(sampler, "num_steps"):
         raise InputTypeError(f"sampler must be an eoc_dit sampler (DDIMSampler, DDPMSampler), "
                              f"got {type(sampler).__name__}")
@@ -174,7 +182,7 @@ def calibrate(model: nn.Module, sampler, labels, seeds, cfg_scale: float = 1.0, 
     def run(pair_list, observer):
         handle.observer = observer
         for batch in _batches(pair_list, batch_size):
-            noise = torch.cat([noise_for_seed(model, seed) for _, seed in batch]).to(device)
+            noise = torch.cat([seed_noise(model, sampler, seed) for _, seed in batch]).to(device)
             y = torch.tensor([label for label, _ in batch], device=device)
             sampler.sample(model, noise, y, cfg_scale=cfg_scale, progress=False)
             bar.update(len(batch))

@@ -33,12 +33,11 @@ import time
 import torch
 from torch import nn
 
-from .adapters import DiTAdapter
+from .calibration import seed_noise
 from .config import EOCConfig
-from .diffusion import noise_for_seed
 from .errors import InputTypeError, InputValueError
 from .executor import StepContext, StepStrategy
-from .patching import EOCHandle, apply_eoc
+from .patching import EOCHandle, apply_eoc, default_adapter
 from .prior import CoefficientFit, Prior
 from .prior_terms import DELTA, TREND
 from .schedules import Schedule
@@ -56,9 +55,11 @@ class _ClosedLoopFitter:
     P = identity). The errors the guidance amplifies count as much as they will in the sample.
     """
 
-    def __init__(self, num_steps, num_blocks, terms, ridge, judge_threshold, min_gain, guidance=None):
+    def __init__(self, num_steps, num_blocks, terms, ridge, judge_threshold, min_gain, guidance=None,
+                 uncond_first=False):
         self.terms, self.ridge, self.judge_threshold, self.min_gain = terms, ridge, judge_threshold, min_gain
         self.guidance = guidance
+        self.uncond_first = uncond_first  # the CFG batch is [uncond; cond] (diffusers' PixArt pipeline)
         self.coef = torch.zeros(num_steps, num_blocks, 2, 3)
 
     def _guided(self, value: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,8 @@ class _ClosedLoopFitter:
         if self.guidance is None:
             return value.flatten()
         cond, uncond = value.chunk(2)
+        if self.uncond_first:
+            cond, uncond = uncond, cond
         return (self.guidance * cond + (1.0 - self.guidance) * uncond).flatten()
 
     def _entry(self, e) -> tuple[float, float, float]:
@@ -138,11 +141,11 @@ def _check_gains(gains) -> tuple[float, ...]:
     return tuple(float(g) for g in values)
 
 
-def _batch(model, labels, seeds, device):
+def _batch(model, labels, seeds, device, sampler=None):
     pairs = [(label, seed) for label in labels for seed in seeds]
     if not pairs:
         raise InputValueError("labels and seeds must not be empty")
-    noise = torch.cat([noise_for_seed(model, seed) for _, seed in pairs]).to(device)
+    noise = torch.cat([seed_noise(model, sampler, seed) for _, seed in pairs]).to(device)
     return noise, torch.tensor([label for label, _ in pairs], device=device)
 
 
@@ -202,11 +205,14 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
                               f"the sampler runs {sampler.num_steps}")
     cfg_scale = prior.cfg_scale if cfg_scale is None else cfg_scale
     device = next(model.parameters()).device
-    noise, y = _batch(model, labels, seeds, device)
-    tune_batch = _batch(model, labels, seeds if tune_seeds is None else tune_seeds, device) if len(gains) > 1 else None
-    num_blocks = len((adapter or DiTAdapter()).blocks(model))
+    noise, y = _batch(model, labels, seeds, device, sampler)
+    tune_batch = (_batch(model, labels, seeds if tune_seeds is None else tune_seeds, device, sampler)
+                  if len(gains) > 1 else None)
+    adapter = adapter if adapter is not None else default_adapter(model)
+    num_blocks = len(adapter.blocks(model))
     guidance = float(cfg_scale) if guided and cfg_scale > 1.0 else None
-    fitter = _ClosedLoopFitter(prior.num_steps, num_blocks, terms, float(ridge), judge_threshold, min_gain, guidance)
+    fitter = _ClosedLoopFitter(prior.num_steps, num_blocks, terms, float(ridge), judge_threshold, min_gain, guidance,
+                               uncond_first=bool(getattr(sampler, "uncond_first", False)))
     start = time.perf_counter()
     handle = EOCHandle(model, schedule, prior, None, adapter=adapter, strategy=ClosedLoopFitting(fitter))
     try:

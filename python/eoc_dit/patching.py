@@ -24,6 +24,8 @@ patch after changing weights.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -119,7 +121,7 @@ class EOCHandle:
                                   "(the judgment is measured on calibration data)")
 
         self.model, self.schedule, self.prior, self.config = model, schedule, prior, config
-        self.adapter = adapter if adapter is not None else DiTAdapter()
+        self.adapter = adapter if adapter is not None else default_adapter(model)
         self.strategy = strategy
         self.blocks = self.adapter.blocks(model)
         self.num_blocks = len(self.blocks)
@@ -218,9 +220,16 @@ class EOCHandle:
     # ----------------------------------------------------------------------------- install / remove
     def _install(self):
         model = self.model
-        self._saved_model_forward = model.__dict__.get("forward")
-        original_forward = model.forward
+        # The adapter installs each forward (an instance attribute, or a framework's hook registry) and
+        # returns its undo; the undos run in reverse order at remove().
+        self._undo = [self.adapter.install_forward(
+            block, lambda original, index=index, block=block: self._make_block_forward(index, block, original))
+            for index, block in enumerate(self.blocks)]
+        self._undo.append(self.adapter.install_forward(model, self._make_model_forward))
+        setattr(model, LISTENER_ATTR, self._clock.announce)
+        setattr(model, HANDLE_ATTR, self)
 
+    def _make_model_forward(self, original_forward):
         def forward(*args, **kwargs):
             self._begin_step(args, kwargs)
             self._in_forward = True
@@ -236,22 +245,15 @@ class EOCHandle:
                 self._in_forward = False
                 self.executor.step_coef = None
 
-        self._saved_block_forwards = []
-        for index, block in enumerate(self.blocks):
-            self._saved_block_forwards.append(block.__dict__.get("forward"))
-            block.forward = self._make_block_forward(index, block, block.forward)
-        model.forward = forward
-        setattr(model, LISTENER_ATTR, self._clock.announce)
-        setattr(model, HANDLE_ATTR, self)
+        return forward
 
     def remove(self) -> None:
         """Restore the model's and the blocks' original forwards (idempotent)."""
         model = self.model
         if getattr(model, HANDLE_ATTR, None) is not self:
             return
-        _restore_attr(model, "forward", self._saved_model_forward)
-        for block, saved in zip(self.blocks, self._saved_block_forwards):
-            _restore_attr(block, "forward", saved)
+        for undo in reversed(self._undo):
+            undo()
         delattr(model, LISTENER_ATTR)
         delattr(model, HANDLE_ATTR)
         if self.cache is not None:
@@ -304,11 +306,16 @@ class EOCHandle:
         return forward
 
 
-def _restore_attr(obj, name: str, saved) -> None:
-    if saved is None:
-        obj.__dict__.pop(name, None)
-    else:
-        obj.__dict__[name] = saved
+def default_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter ``apply_eoc`` uses when none is given: diffusers' DiTTransformer2DModel and
+    PixArtTransformer2DModel get ``diffusers_adapters.DiffusersAdapter`` (diffusers is imported only when it
+    already is, i.e. when such a model can exist), anything else ``DiTAdapter`` (eoc_dit.DiT's layout)."""
+    diffusers = sys.modules.get("diffusers")
+    if diffusers is not None and isinstance(model, diffusers.ModelMixin):
+        from .diffusers_adapters import diffusers_adapter
+
+        return diffusers_adapter(model)
+    return DiTAdapter()
 
 
 def apply_eoc(model: nn.Module, schedule: Schedule, prior: Prior | None = None, config: EOCConfig | None = None, *,
