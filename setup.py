@@ -9,7 +9,7 @@ installed torch (a GPU machine's own).
 The extension stays optional: where torch is not importable at build time, no C++
 compiler exists or the build fails, the install goes on with a one-line warning and the ops run on the
 eager reference. ``EOC_BUILD_EXT=0`` skips the extension; ``EOC_BUILD_EXT=1`` makes any of those a build
-error instead. CUDA sources (``csrc/*.cu``, none yet) are added when torch has CUDA and
+error instead. CUDA sources (``csrc/*.cu``) are added when torch has CUDA and
 ``EOC_BUILD_CUDA`` is not 0.
 """
 
@@ -22,6 +22,11 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "eoc_kernels._C"
+# nvcc options of csrc/*.cu (besides torch's own: -std=c++20, --expt-relaxed-constexpr, the no-implicit-half
+# macros, the arch flags of TORCH_CUDA_ARCH_LIST or the visible GPU). --fmad=false: no fused multiply-adds, as
+# -ffp-contract=off for the C++ kernels, so every product is rounded as in the eager reference; no
+# --use_fast_math (IEEE sqrt and division). benchmarks/gpu/nvcc_compile.py reads this list.
+NVCC_FLAGS = ["-O3", "--fmad=false"]
 
 
 def _warn(reason: str) -> None:
@@ -80,7 +85,7 @@ def _optional_extensions():
     compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]}
     link_args = ["-fopenmp"]
     if cuda_sources and torch.version.cuda and os.environ.get("EOC_BUILD_CUDA", "1") != "0":
-        ext = CUDAExtension(EXT_NAME, sources + cuda_sources, extra_compile_args=compile_args | {"nvcc": ["-O3"]},
+        ext = CUDAExtension(EXT_NAME, sources + cuda_sources, extra_compile_args=compile_args | {"nvcc": NVCC_FLAGS},
                             extra_link_args=link_args)
     else:
         ext = CppExtension(EXT_NAME, sources, extra_compile_args=compile_args, extra_link_args=link_args)
