@@ -5,24 +5,17 @@
 // descriptors, the per-op argument handling, the run-time choice of instruction set and the
 // registration:
 //
-//   TORCH_LIBRARY(eoc_cpp): out-variant ops writing a caller-allocated output (eoc_kernels/cpp.py
-//   allocates it, so tests can poison it, and wraps these in functional custom ops with a fake and
-//   a reference backward):
-//     eoc_cpp::cached_branch_out(x, gate, cache, prev?, delta?, trend?, coef_values, coef_tensor?,
-//                                threshold_value, threshold_tensor?, out!)
-//     eoc_cpp::cached_block_out(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn?, prev_mlp?,
-//                               delta_attn?, delta_mlp?, trend_attn?, trend_mlp?, coef_values[6],
-//                               coef_tensor_attn?, coef_tensor_mlp?, threshold_value, threshold_tensor?,
-//                               out!)
-//     eoc_cpp::cached_segment_out(x, gates, cache, generation, delta?, trend?, coef?, threshold_value,
-//                                 threshold_tensor?, out!)
-//   plus eoc_cpp::isa() / supported_isas() / set_isa(name) (which vectorised variant runs).
+//   TORCH_LIBRARY_IMPL(eoc, CPU): the CPU kernels of the out-variant ops whose schemas csrc/schema.cpp
+//   defines (eoc::cached_branch_out, cached_block_out, cached_segment_out: the eoc:: functional ops'
+//   split arguments, then a caller-allocated output; eoc_kernels/cpp.py allocates it, so tests can
+//   poison it, and registers the result as the "cpp" kernel of eoc::cached_* on CPU tensors);
+//   plus eoc::cpu_isa() / cpu_supported_isas() / cpu_set_isa(name) (which vectorised variant runs).
 //
-// Argument conventions follow the "triton" backend's eoc:: schema: a coefficient triple is a float
+// Argument conventions are the eoc:: schema's (eoc_kernels/_library.py): a coefficient triple is a float
 // list or a float32 [3] tensor (used instead when given), the threshold a float or a one-element float32
 // tensor. Tensor values live on the CPU, so reading them here costs no device sync. The public ops
 // validate everything first (eoc_kernels/_validation.py); the checks here only keep a direct call of
-// torch.ops.eoc_cpp.* from reading outside its tensors.
+// torch.ops.eoc.*_out from reading outside its tensors.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,8 +23,6 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
-
-#include <Python.h>
 
 #include <algorithm>
 #include <array>
@@ -133,7 +124,7 @@ int isa_from_name(const std::string& name) {
   for (int isa = kBase; isa <= kAvx512; ++isa) {
     if (name == kIsaNames[isa]) return isa;
   }
-  TORCH_CHECK(false, "eoc_cpp: unknown instruction set '", name, "'; known: base, avx2, avx512");
+  TORCH_CHECK(false, "eoc_kernels.cpp: unknown instruction set '", name, "'; known: base, avx2, avx512");
   return kBase;
 }
 
@@ -143,7 +134,7 @@ std::atomic<int>& selected_isa() {
     const char* env = std::getenv("EOC_CPU_ISA");
     if (env == nullptr || *env == '\0') return best_isa();
     const int wanted = isa_from_name(env);
-    TORCH_CHECK(isa_supported(wanted), "eoc_cpp: EOC_CPU_ISA=", env, " is not supported by this CPU");
+    TORCH_CHECK(isa_supported(wanted), "eoc_kernels.cpp: EOC_CPU_ISA=", env, " is not supported by this CPU");
     return wanted;
   }()};
   return isa;
@@ -161,7 +152,7 @@ std::vector<std::string> supported_isas() {
 
 void set_isa(const std::string& name) {
   const int wanted = isa_from_name(name);
-  TORCH_CHECK(isa_supported(wanted), "eoc_cpp: instruction set '", name, "' is not supported by this CPU");
+  TORCH_CHECK(isa_supported(wanted), "eoc_kernels.cpp: instruction set '", name, "' is not supported by this CPU");
   selected_isa().store(wanted);
 }
 
@@ -334,7 +325,7 @@ void dispatch_dtype(const Tensor& x, Body&& body) {
     case at::kBFloat16:
       return body.template operator()<c10::BFloat16>();
     default:
-      TORCH_CHECK(false, "eoc_cpp: unsupported dtype ", x.scalar_type());
+      TORCH_CHECK(false, "eoc_kernels.cpp: unsupported dtype ", x.scalar_type());
   }
 }
 
@@ -358,7 +349,7 @@ void cached_branch_out(const Tensor& x, const Tensor& gate, const Tensor& cache,
                        const OptTensor& delta, const OptTensor& trend, c10::ArrayRef<double> coef_values,
                        const OptTensor& coef_tensor, double threshold_value, const OptTensor& threshold_tensor,
                        Tensor& out) {
-  constexpr const char* op = "eoc_cpp::cached_branch_out";
+  constexpr const char* op = "eoc::cached_branch_out";
   check_x_out(op, x, out);
   check_branch(op, x, "gate", gate, "cache", cache, "prev", prev, "delta", delta, "trend", trend);
   const Coef coef = coef_of(op, "coef_tensor", coef_values, 0, coef_tensor);
@@ -376,7 +367,7 @@ void cached_block_out(const Tensor& x, const Tensor& gate_attn, const Tensor& ga
                       const OptTensor& trend_mlp, c10::ArrayRef<double> coef_values,
                       const OptTensor& coef_tensor_attn, const OptTensor& coef_tensor_mlp, double threshold_value,
                       const OptTensor& threshold_tensor, Tensor& out) {
-  constexpr const char* op = "eoc_cpp::cached_block_out";
+  constexpr const char* op = "eoc::cached_block_out";
   check_x_out(op, x, out);
   check_branch(op, x, "gate_attn", gate_attn, "cache_attn", cache_attn, "prev_attn", prev_attn, "delta_attn",
                delta_attn, "trend_attn", trend_attn);
@@ -400,7 +391,7 @@ void cached_block_out(const Tensor& x, const Tensor& gate_attn, const Tensor& ga
 void cached_segment_out(const Tensor& x, const Tensor& gates, const Tensor& cache, const Tensor& generation,
                         const OptTensor& delta, const OptTensor& trend, const OptTensor& coef,
                         double threshold_value, const OptTensor& threshold_tensor, Tensor& out) {
-  constexpr const char* op = "eoc_cpp::cached_segment_out";
+  constexpr const char* op = "eoc::cached_segment_out";
   check_x_out(op, x, out);
   check_feature(op, "cache", cache, x);
   TORCH_CHECK(cache.dim() == 6 && (cache.size(0) == 1 || cache.size(0) == 2) && cache.size(2) == 2 &&
@@ -479,33 +470,16 @@ void cached_segment_out(const Tensor& x, const Tensor& gates, const Tensor& cach
 
 }  // namespace eoc_cpu
 
-TORCH_LIBRARY(eoc_cpp, m) {
-  m.def(
-      "cached_branch_out(Tensor x, Tensor gate, Tensor cache, Tensor? prev, Tensor? delta, Tensor? trend, "
-      "float[] coef_values, Tensor? coef_tensor, float threshold_value, Tensor? threshold_tensor, "
-      "Tensor(a!) out) -> ()");
-  m.def(
-      "cached_block_out(Tensor x, Tensor gate_attn, Tensor gate_mlp, Tensor cache_attn, Tensor cache_mlp, "
-      "Tensor? prev_attn, Tensor? prev_mlp, Tensor? delta_attn, Tensor? delta_mlp, Tensor? trend_attn, "
-      "Tensor? trend_mlp, float[] coef_values, Tensor? coef_tensor_attn, Tensor? coef_tensor_mlp, "
-      "float threshold_value, Tensor? threshold_tensor, Tensor(a!) out) -> ()");
-  m.def(
-      "cached_segment_out(Tensor x, Tensor gates, Tensor cache, Tensor generation, Tensor? delta, Tensor? trend, "
-      "Tensor? coef, float threshold_value, Tensor? threshold_tensor, Tensor(a!) out) -> ()");
-  m.def("isa() -> str", &eoc_cpu::isa);
-  m.def("supported_isas() -> str[]", &eoc_cpu::supported_isas);
-  m.def("set_isa(str name) -> ()", &eoc_cpu::set_isa);
+// The isa utilities are CPU-only and have one implementation (a catch-all kernel).
+TORCH_LIBRARY_FRAGMENT(eoc, m) {
+  m.def("cpu_isa() -> str", &eoc_cpu::isa);
+  m.def("cpu_supported_isas() -> str[]", &eoc_cpu::supported_isas);
+  m.def("cpu_set_isa(str name) -> ()", &eoc_cpu::set_isa);
 }
 
-TORCH_LIBRARY_IMPL(eoc_cpp, CPU, m) {
+// The out-variant ops' schemas are csrc/schema.cpp's; these are their CPU kernels.
+TORCH_LIBRARY_IMPL(eoc, CPU, m) {
   m.impl("cached_branch_out", &eoc_cpu::cached_branch_out);
   m.impl("cached_block_out", &eoc_cpu::cached_block_out);
   m.impl("cached_segment_out", &eoc_cpu::cached_segment_out);
-}
-
-// `import eoc_kernels._C` loads this library, which registers the ops above; the module itself is empty.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "EOC CPU kernels: the eoc_cpp ops (torch.ops.eoc_cpp)",
-                               -1, nullptr};
-  return PyModule_Create(&module);
 }

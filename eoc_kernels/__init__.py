@@ -5,7 +5,7 @@ The ops of DESIGN §3 behind one dispatcher; ``reference`` is the eager ground t
 
 import importlib.util
 
-from . import cpp, reference  # cpp registers the "cpp" backend (available when eoc_kernels._C is built)
+from . import cpp, cuda, reference  # register the "cpp" and "cuda" backends (available when _C holds their kernels)
 from .dispatch import available_backends, resolve_backend
 from .ops import cached_block, cached_branch, cached_segment
 
@@ -20,5 +20,10 @@ def cpp_available() -> bool:
     return cpp.AVAILABLE
 
 
-__all__ = ["available_backends", "cached_block", "cached_branch", "cached_segment", "cpp_available", "reference",
-           "resolve_backend"]
+def cuda_available() -> bool:
+    """Whether the CUDA C++ kernels (the "cuda" backend) are built into ``eoc_kernels._C`` and loaded."""
+    return cuda.AVAILABLE
+
+
+__all__ = ["available_backends", "cached_block", "cached_branch", "cached_segment", "cpp_available", "cuda_available",
+           "reference", "resolve_backend"]

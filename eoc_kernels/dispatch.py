@@ -8,7 +8,8 @@ The eager reference is registered here as the "torch" backend and runs on any de
 Selection: the op's ``backend=`` argument, else the ``EOC_BACKEND`` environment variable, else
 "auto", which picks the first available backend in ``BACKENDS`` (fastest first) that is also
 eligible for "auto" on the device: "triton" on CUDA (the Triton interpreter runs on CPU for tests, but
-is never the fastest CPU path), "cpp" on the CPU when ``eoc_kernels._C`` is built, else "torch". A
+is never the fastest CPU path), then "cuda" (CUDA C++; after "triton" until a GPU run measures it
+faster), "cpp" on the CPU when ``eoc_kernels._C`` is built, else "torch". A
 backend named explicitly that cannot run raises, with its reason when it registered one.
 """
 
@@ -23,9 +24,9 @@ from .errors import InputTypeError, InputValueError
 AUTO = "auto"
 ENV_VAR = "EOC_BACKEND"
 #: Every concrete backend name, fastest first: only backends that exist ("triton" is registered by
-#: eoc_kernels.triton when triton is installed, "cpp" by eoc_kernels.cpp, available when
-#: eoc_kernels._C is built). A new backend adds its name here with its code.
-BACKENDS = ("triton", "cpp", "torch")
+#: eoc_kernels.triton when triton is installed; "cuda" and "cpp" by eoc_kernels.cuda / eoc_kernels.cpp,
+#: available when eoc_kernels._C holds their kernels). A new backend adds its name here with its code.
+BACKENDS = ("triton", "cuda", "cpp", "torch")
 
 
 class _Impl(NamedTuple):

@@ -36,7 +36,7 @@ def cached_branch(x, gate, cache, *, prev=None, delta=None, trend=None, coef=_ZE
             coef and token_threshold must be finite: NaN or ±inf raises ValueError for Python
             numbers and CPU tensors; a CUDA tensor's values are not checked (that would sync
             with the host), nor a CPU tensor's while torch.compile traces.
-        backend: "auto", "torch" or "triton" (see dispatch.py); None reads $EOC_BACKEND,
+        backend: "auto", "torch", "cpp", "triton" or "cuda" (see dispatch.py); None reads $EOC_BACKEND,
             default "auto".
     All tensors share x's dtype (float32, float16 or bfloat16) and device. Returns a new
     [B, N, C] tensor of x's dtype.

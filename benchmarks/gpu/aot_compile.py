@@ -72,6 +72,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from eoc_kernels import _library  # noqa: E402
 from eoc_kernels.triton import _block, _branch, _common, _segment  # noqa: E402
 
 ARCHS = (80, 90)
@@ -159,7 +160,7 @@ def branch_states(x, channels, dtype):
     for given in itertools.product((False, True), repeat=3):
         tensors = {term: full[term] if on else None for term, on in zip(TERMS, given)}
         for coef_label, coef in coef_forms():
-            values, tensor = _common.split_coef(coef)
+            values, tensor = _library.split_coef(coef)
             launch = _common.branch_launch_args(x, tensors["prev"], tensors["delta"], tensors["trend"], values,
                                                 tensor)
             label = "+".join(term for term, on in zip(TERMS, given) if on) or "none"
@@ -171,9 +172,9 @@ def branch_states(x, channels, dtype):
 def branch_launches(channels, dtype, every_pair):
     x = meta(dtype, BATCH, TOKENS, channels)
     for key, (label, tensors, coef) in branch_states(x, channels, dtype).items():
-        values, tensor = _common.split_coef(coef)
+        values, tensor = _library.split_coef(coef)
         for form in THRESHOLDS:
-            threshold_value, threshold_tensor = _common.split_threshold(threshold_arg(form))
+            threshold_value, threshold_tensor = _library.split_threshold(threshold_arg(form))
             with recorded(_branch, "_cached_branch_kernel") as recorder:
                 _branch._launch(meta(dtype, BATCH, TOKENS, channels), x, meta(dtype, BATCH, channels),
                                 meta(dtype, BATCH, TOKENS, channels), tensors["prev"], tensors["delta"],
@@ -189,10 +190,10 @@ def block_launches(channels, dtype, every_pair):
         if not (every_pair or key_a == key_m or OFF_STATE in (key_a, key_m)):
             continue
         (label_a, tensors_a, coef_a), (label_m, tensors_m, coef_m) = state_a, state_m
-        values_a, tensor_a = _common.split_coef(coef_a)
-        values_m, tensor_m = _common.split_coef(coef_m)
+        values_a, tensor_a = _library.split_coef(coef_a)
+        values_m, tensor_m = _library.split_coef(coef_m)
         for form in THRESHOLDS:
-            threshold_value, threshold_tensor = _common.split_threshold(threshold_arg(form))
+            threshold_value, threshold_tensor = _library.split_threshold(threshold_arg(form))
             cache = meta(dtype, BATCH, TOKENS, channels)
             gate = meta(dtype, BATCH, channels)
             with recorded(_block, "_cached_block_kernel") as recorder:
@@ -209,7 +210,7 @@ def segment_launches(channels, dtype, every_pair):
     for blocks, generations, has_coef, has_delta, has_trend, form in itertools.product(
             SEGMENT_BLOCKS, (1, 2), (False, True), (False, True), (False, True), THRESHOLDS):
         prior = (blocks, 2, HEADS, TOKENS, channels)
-        threshold_value, threshold_tensor = _common.split_threshold(threshold_arg(form))
+        threshold_value, threshold_tensor = _library.split_threshold(threshold_arg(form))
         with recorded(_segment, "_cached_segment_kernel") as recorder:
             _segment._launch(meta(dtype, BATCH, TOKENS, channels), x, meta(dtype, BATCH, blocks, 2, channels),
                              meta(dtype, generations, blocks, 2, BATCH, TOKENS, channels),

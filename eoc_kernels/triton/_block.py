@@ -6,26 +6,17 @@ x + gate_attn ⊙ F̂_attn + gate_mlp ⊙ F̂_mlp, each branch judged on its own
 skipping, int64 offsets and explicit strides: see ``_common``.
 """
 
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import _common
 from ._common import (
     _corrected_feature,
     _row_offsets,
     branch_launch_args,
     check_runnable,
-    coef_of,
     needs_whole_rows,
     pick_blocks,
-    register_reference_autograd,
-    split_coef,
-    split_threshold,
-    threshold_of,
 )
 
 
@@ -143,57 +134,7 @@ def _launch(out, x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_
     return out
 
 
-@torch.library.custom_op("eoc::cached_block", mutates_args=())
-def cached_block_op(x: torch.Tensor, gate_attn: torch.Tensor, gate_mlp: torch.Tensor,
-                    cache_attn: torch.Tensor, cache_mlp: torch.Tensor,
-                    prev_attn: Optional[torch.Tensor], prev_mlp: Optional[torch.Tensor],
-                    delta_attn: Optional[torch.Tensor], delta_mlp: Optional[torch.Tensor],
-                    trend_attn: Optional[torch.Tensor], trend_mlp: Optional[torch.Tensor],
-                    coef_values: list[float], coef_tensor_attn: Optional[torch.Tensor],
-                    coef_tensor_mlp: Optional[torch.Tensor], threshold_value: float,
-                    threshold_tensor: Optional[torch.Tensor]) -> torch.Tensor:
-    """eoc::cached_block: the Triton kernel; inputs as checked by eoc_kernels.cached_block.
-
-    coef_values = (alpha, beta, gamma) of attention then of MLP (6 floats); a branch uses its
-    coef_tensor_* (float32 [3]) instead when given. threshold_value is the token threshold unless
-    threshold_tensor (float32, one element) is given.
-    """
+def cached_block_kernel(x, *args):
+    """The "triton" kernel of eoc::cached_block (split arguments, as checked by eoc_kernels.cached_block)."""
     check_runnable("eoc::cached_block", x)
-    return _launch(_common.new_output(x), x, gate_attn, gate_mlp, cache_attn, cache_mlp,
-                   prev_attn, prev_mlp, delta_attn, delta_mlp, trend_attn, trend_mlp,
-                   coef_values, coef_tensor_attn, coef_tensor_mlp, threshold_value,
-                   threshold_tensor)
-
-
-@cached_block_op.register_fake
-def _cached_block_fake(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp,
-                       delta_attn, delta_mlp, trend_attn, trend_mlp, coef_values,
-                       coef_tensor_attn, coef_tensor_mlp, threshold_value, threshold_tensor):
-    return torch.empty_like(x)
-
-
-def _cached_block_reference(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp,
-                            delta_attn, delta_mlp, trend_attn, trend_mlp, coef_values,
-                            coef_tensor_attn, coef_tensor_mlp, threshold_value, threshold_tensor):
-    return reference.cached_block(
-        x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn=prev_attn, prev_mlp=prev_mlp,
-        delta_attn=delta_attn, delta_mlp=delta_mlp, trend_attn=trend_attn, trend_mlp=trend_mlp,
-        coef_attn=coef_of(coef_values[:3], coef_tensor_attn),
-        coef_mlp=coef_of(coef_values[3:], coef_tensor_mlp),
-        token_threshold=threshold_of(threshold_value, threshold_tensor))
-
-
-register_reference_autograd(cached_block_op, _cached_block_reference)
-
-
-def cached_block(x, gate_attn, gate_mlp, cache_attn, cache_mlp, *, prev_attn=None,
-                 prev_mlp=None, delta_attn=None, delta_mlp=None, trend_attn=None, trend_mlp=None,
-                 coef_attn=(0.0, 0.0, 0.0), coef_mlp=(0.0, 0.0, 0.0), token_threshold=0.0):
-    """The "triton" backend of eoc_kernels.cached_block (which checks the inputs)."""
-    values_attn, tensor_attn = split_coef(coef_attn)
-    values_mlp, tensor_mlp = split_coef(coef_mlp)
-    threshold_value, threshold_tensor = split_threshold(token_threshold)
-    return cached_block_op(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp,
-                           delta_attn, delta_mlp, trend_attn, trend_mlp,
-                           values_attn + values_mlp, tensor_attn, tensor_mlp, threshold_value,
-                           threshold_tensor)
+    return _launch(_common.new_output(x), x, *args)

@@ -5,26 +5,17 @@ rows in registers when the judgment needs them), zero-coefficient skipping, int6
 explicit strides: see ``_common``.
 """
 
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import _common
 from ._common import (
     _corrected_feature,
     _row_offsets,
     branch_launch_args,
     check_runnable,
-    coef_of,
     needs_whole_rows,
     pick_blocks,
-    register_reference_autograd,
-    split_coef,
-    split_threshold,
-    threshold_of,
 )
 
 
@@ -104,42 +95,7 @@ def _launch(out, x, gate, cache, prev, delta, trend, coef_values, coef_tensor, t
     return out
 
 
-@torch.library.custom_op("eoc::cached_branch", mutates_args=())
-def cached_branch_op(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor,
-                     prev: Optional[torch.Tensor], delta: Optional[torch.Tensor],
-                     trend: Optional[torch.Tensor], coef_values: list[float],
-                     coef_tensor: Optional[torch.Tensor], threshold_value: float,
-                     threshold_tensor: Optional[torch.Tensor]) -> torch.Tensor:
-    """eoc::cached_branch: the Triton kernel; inputs as checked by eoc_kernels.cached_branch.
-
-    coef_values (3 floats) are the coefficients unless coef_tensor (float32 [3]) is given;
-    threshold_value is the token threshold unless threshold_tensor (float32, one element) is.
-    """
+def cached_branch_kernel(x, *args):
+    """The "triton" kernel of eoc::cached_branch (split arguments, as checked by eoc_kernels.cached_branch)."""
     check_runnable("eoc::cached_branch", x)
-    return _launch(_common.new_output(x), x, gate, cache, prev, delta, trend, coef_values,
-                   coef_tensor, threshold_value, threshold_tensor)
-
-
-@cached_branch_op.register_fake
-def _cached_branch_fake(x, gate, cache, prev, delta, trend, coef_values, coef_tensor,
-                        threshold_value, threshold_tensor):
-    return torch.empty_like(x)
-
-
-def _cached_branch_reference(x, gate, cache, prev, delta, trend, coef_values, coef_tensor,
-                             threshold_value, threshold_tensor):
-    return reference.cached_branch(x, gate, cache, prev=prev, delta=delta, trend=trend,
-                                   coef=coef_of(coef_values, coef_tensor),
-                                   token_threshold=threshold_of(threshold_value, threshold_tensor))
-
-
-register_reference_autograd(cached_branch_op, _cached_branch_reference)
-
-
-def cached_branch(x, gate, cache, *, prev=None, delta=None, trend=None, coef=(0.0, 0.0, 0.0),
-                  token_threshold=0.0):
-    """The "triton" backend of eoc_kernels.cached_branch (which checks the inputs)."""
-    coef_values, coef_tensor = split_coef(coef)
-    threshold_value, threshold_tensor = split_threshold(token_threshold)
-    return cached_branch_op(x, gate, cache, prev, delta, trend, coef_values, coef_tensor,
-                            threshold_value, threshold_tensor)
+    return _launch(_common.new_output(x), x, *args)

@@ -32,9 +32,10 @@ selects the other blocking mode, another compiled variant).
 Offsets are int64 (a stacked cache buffer can exceed 2**31 elements); every stride is passed
 explicitly (Triton specializes a stride of 1), so no input needs to be contiguous.
 
-Autograd: the kernels are forward-only; each custom op's backward (``register_reference_autograd``)
-recomputes the eager reference on the saved inputs and differentiates it, so gradients are exactly
-the "torch" backend's (first order; the token judgment's keep mask is piecewise constant there).
+Autograd: the kernels are forward-only; they are the "triton" kernels of the ``eoc::`` ops
+(``eoc_kernels/_library.py``), whose backward recomputes the eager reference on the saved inputs and
+differentiates it, so gradients are exactly the "torch" backend's (first order; the token judgment's
+keep mask is piecewise constant there).
 """
 
 import os
@@ -44,13 +45,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._custom_ops import (  # noqa: F401  (shared with the cpp backend; the kernels import them from here)
-    coef_of,
-    register_reference_autograd,
-    split_coef,
-    split_threshold,
-    threshold_of,
-)
 from ..errors import InputValueError
 
 MAX_CHANNELS = 16384  # one row of C fp32 values per tile must fit in registers

@@ -12,13 +12,9 @@ half the registers of two (tests/eoc_kernels/test_aot_compile.py). Blocking, zer
 skipping, int64 offsets and explicit strides: see ``_common``.
 """
 
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import _common
 from ._common import (
     _corrected_feature,
@@ -26,9 +22,6 @@ from ._common import (
     check_runnable,
     needs_whole_rows,
     pick_blocks,
-    register_reference_autograd,
-    split_threshold,
-    threshold_of,
 )
 
 
@@ -149,41 +142,7 @@ def _launch(out, x, gates, cache, generation, delta, trend, coef, threshold_valu
     return out
 
 
-@torch.library.custom_op("eoc::cached_segment", mutates_args=())
-def cached_segment_op(x: torch.Tensor, gates: torch.Tensor, cache: torch.Tensor,
-                      generation: torch.Tensor, delta: Optional[torch.Tensor],
-                      trend: Optional[torch.Tensor], coef: Optional[torch.Tensor],
-                      threshold_value: float,
-                      threshold_tensor: Optional[torch.Tensor]) -> torch.Tensor:
-    """eoc::cached_segment: the Triton kernel; inputs as checked by eoc_kernels.cached_segment.
-
-    coef: float32 [S, 2, 3] or None (plain reuse). threshold_value is the token threshold unless
-    threshold_tensor (float32, one element) is given.
-    """
+def cached_segment_kernel(x, *args):
+    """The "triton" kernel of eoc::cached_segment (split arguments, as checked by eoc_kernels.cached_segment)."""
     check_runnable("eoc::cached_segment", x)
-    return _launch(_common.new_output(x), x, gates, cache, generation, delta, trend, coef,
-                   threshold_value, threshold_tensor)
-
-
-@cached_segment_op.register_fake
-def _cached_segment_fake(x, gates, cache, generation, delta, trend, coef, threshold_value,
-                         threshold_tensor):
-    return torch.empty_like(x)
-
-
-def _cached_segment_reference(x, gates, cache, generation, delta, trend, coef, threshold_value,
-                              threshold_tensor):
-    return reference.cached_segment(
-        x, gates, cache, generation, delta=delta, trend=trend, coef=coef,
-        token_threshold=threshold_of(threshold_value, threshold_tensor))
-
-
-register_reference_autograd(cached_segment_op, _cached_segment_reference)
-
-
-def cached_segment(x, gates, cache, generation, *, delta=None, trend=None, coef=None,
-                   token_threshold=0.0):
-    """The "triton" backend of eoc_kernels.cached_segment (which checks the inputs)."""
-    threshold_value, threshold_tensor = split_threshold(token_threshold)
-    return cached_segment_op(x, gates, cache, generation, delta, trend, coef, threshold_value,
-                             threshold_tensor)
+    return _launch(_common.new_output(x), x, *args)

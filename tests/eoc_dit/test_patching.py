@@ -344,8 +344,11 @@ def test_unavailable_backend_fails_at_patch_time(model, monkeypatch):
     with pytest.raises(ValueError, match="triton.*not available"):
         apply_eoc(model, FORASchedule(2), config=EOCConfig(mode="extrapolate", backend="triton"))
     assert not hasattr(model, "_eoc_handle")
-    with pytest.raises(ValueError, match="backend must be one of"):  # no backend by that name exists (yet)
-        EOCConfig(mode="extrapolate", backend="cuda")
+    with pytest.raises(ValueError, match="cuda.*not available"):  # the CUDA C++ kernels: not on CPU tensors
+        apply_eoc(model, FORASchedule(2), config=EOCConfig(mode="extrapolate", backend="cuda"))
+    assert not hasattr(model, "_eoc_handle")
+    with pytest.raises(ValueError, match="backend must be one of"):  # no backend by that name exists
+        EOCConfig(mode="extrapolate", backend="rocm")
 
 
 def test_sampler_refuses_noise_on_another_device(model):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eoc_kernels
-from eoc_kernels import cached_block, cached_branch, cached_segment, cpp, dispatch, reference
+from eoc_kernels import _library, cached_block, cached_branch, cached_segment, cpp, dispatch, reference
 
 from .cpp_setup import AVAILABLE, NEEDS_CPP, missing_extension_is_allowed
 from .cpp_setup import poisoned_outputs as poisoned_output_buffers
@@ -29,6 +29,7 @@ from .naive import (
     segment_threshold,
     splitting_threshold,
 )
+from .op_inputs import requiring_grad, small_op_inputs
 from .test_segment import TERM_CASES, check_segment_case
 
 CPP = dict(backend="cpp")
@@ -325,7 +326,7 @@ def test_strided_output_buffer():
     x = torch.randn(2, 5, 37, generator=gen)
     branch = random_branch(gen, 2, 5, 37, torch.float32, heads=2)
     out = torch.full((2, 5, 74), float("nan"))[..., ::2]
-    torch.ops.eoc_cpp.cached_branch_out(x, branch["gate"], branch["cache"], branch["prev"], branch["delta"],
+    torch.ops.eoc.cached_branch_out(x, branch["gate"], branch["cache"], branch["prev"], branch["delta"],
                                         branch["trend"], list(branch["coef"]), None, 0.1, None, out)
     torch.testing.assert_close(out, reference.cached_branch(x, branch["gate"], branch["cache"],
                                                             **branch_kwargs(branch), token_threshold=0.1))
@@ -431,8 +432,8 @@ def test_bad_inputs_raise_through_the_public_ops(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("a kernel ran")
 
-    for name in ("_branch_kernel", "_block_kernel", "_segment_kernel"):
-        monkeypatch.setattr(cpp, name, launched)
+    for op in _library.OP_NAMES:
+        monkeypatch.setitem(_library._KERNELS[(op, "cpu")], "cpp", launched)
     x = torch.randn(4, 3, 8)
     gate, cache = torch.randn(4, 8), torch.randn(4, 3, 8)
     with pytest.raises(ValueError, match="^cached_branch: delta must have shape"):
@@ -457,11 +458,11 @@ def test_bad_inputs_raise_through_the_public_ops(monkeypatch):
 
 @NEEDS_CPP
 def test_kernels_check_what_they_read():
-    """A direct torch.ops.eoc_cpp call bypasses the public checks: the kernels still refuse inputs that
+    """A direct torch.ops.eoc call bypasses the public checks: the kernels still refuse inputs that
     would make them read outside a tensor."""
     x = torch.randn(2, 3, 8)
     out = torch.empty_like(x)
-    ops = torch.ops.eoc_cpp
+    ops = torch.ops.eoc
     with pytest.raises(RuntimeError, match="cache has shape"):
         ops.cached_branch_out(x, x[:, 0], torch.randn(2, 2, 8), None, None, None, [0.0] * 3, None, 0.0, None, out)
     with pytest.raises(RuntimeError, match="delta has shape"):
@@ -485,35 +486,6 @@ def test_kernels_check_what_they_read():
 
 # --- torch.library: opcheck, torch.compile, autograd ---------------------------------------------
 
-def small_op_inputs(gen):
-    """Positional arguments of each eoc_cpp:: custom op on small inputs, every feature on."""
-    shape = (2, 5, 6)
-    x = torch.randn(shape, generator=gen)
-    branch = random_branch(gen, *shape, torch.float32, heads=2)
-    segment = random_segment(gen, *shape, torch.float32, blocks=2)
-    threshold = torch.tensor([0.1])
-    return {
-        "cached_branch": [
-            (x, branch["gate"], branch["cache"], branch["prev"], branch["delta"], branch["trend"],
-             [0.5, -0.25, 0.75], None, 0.1, None),
-            (x, branch["gate"], branch["cache"], None, branch["delta"], None, [0.0] * 3,
-             torch.tensor([0.5, 0.0, 1.0]), 0.0, threshold)],
-        "cached_block": [
-            (x, branch["gate"], branch["gate"], branch["cache"], branch["prev"], branch["prev"], None,
-             branch["delta"], branch["delta"], branch["trend"], None, [0.5, -0.25, 0.75, 0.0, 1.0, 0.0], None,
-             torch.tensor([0.1, 0.2, 0.3]), 0.1, threshold)],
-        "cached_segment": [
-            (x, segment["gates"], segment["cache"], segment["generation"], segment["delta"], segment["trend"],
-             segment["coef"], 0.0, threshold),
-            (x, segment["gates"], segment["cache"][:1], segment["generation"], None, None, None, 0.1, None)],
-    }
-
-
-def requiring_grad(args):
-    return tuple(arg.detach().clone().requires_grad_() if isinstance(arg, torch.Tensor) and arg.is_floating_point()
-                 else arg for arg in args)
-
-
 @NEEDS_CPP
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("op_name", ["cached_branch", "cached_block", "cached_segment"])
@@ -521,8 +493,8 @@ def test_opcheck(op_name, grad):
     # test_schema, test_autograd_registration, test_faketensor and test_aot_dispatch_dynamic (which, with
     # inputs requiring grad, also checks the backward against eager).
     gen = torch.Generator().manual_seed(30)
-    op = getattr(torch.ops.eoc_cpp, op_name).default
-    for args in small_op_inputs(gen)[op_name]:
+    op = getattr(torch.ops.eoc, op_name).default
+    for args in small_op_inputs(gen, "cpp")[op_name]:
         torch.library.opcheck(op, requiring_grad(args) if grad else args)
 
 
@@ -621,13 +593,13 @@ def test_gradients_match_reference(dtype, coef_form, tolerance):
 def test_no_grad_calls_skip_the_custom_op(monkeypatch):
     """Without gradients to record (and outside torch.compile) the backend calls the kernel directly."""
     calls = []
-    original = cpp.cached_segment_op
+    original = _library.OPS["cached_segment"]
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(cpp, "cached_segment_op", counting)
+    monkeypatch.setitem(_library.OPS, "cached_segment", counting)
     gen = torch.Generator().manual_seed(37)
     x = torch.randn(2, 5, 6, generator=gen)
     segment = random_segment(gen, 2, 5, 6, torch.float32, blocks=1)

@@ -1,5 +1,7 @@
 """Backend selection: names, availability, $EOC_BACKEND, and registering a new backend."""
 
+import re
+
 import pytest
 import torch
 
@@ -84,12 +86,15 @@ def test_env_var_is_read(monkeypatch, value, expected):
 
 def test_backend_names_are_the_implemented_ones():
     # No reserved names without an implementation behind them: a compiled backend adds its name
-    # together with its implementation ("cpp": eoc_kernels.cpp, usable when eoc_kernels._C is built).
-    assert dispatch.BACKENDS == ("triton", "cpp", "torch")
+    # together with its module, which registers it for every op ("cpp" / "cuda": eoc_kernels.cpp /
+    # eoc_kernels.cuda, usable when eoc_kernels._C holds their kernels).
+    assert dispatch.BACKENDS == ("triton", "cuda", "cpp", "torch")
+    for op in ("cached_branch", "cached_block", "cached_segment"):
+        assert set(dispatch._REGISTRY[op]) == set(dispatch.BACKENDS), op
 
 
 def test_unknown_backend_lists_valid_names(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*: auto, triton, cpp, torch$"):
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*: auto, triton, cuda, cpp, torch$"):
         resolve_backend("tpu", CPU)
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         cached_branch(*branch_inputs(), backend="tpu")
@@ -98,7 +103,7 @@ def test_unknown_backend_lists_valid_names(monkeypatch):
         cached_branch(*branch_inputs())
 
 
-@pytest.mark.parametrize("name", ["cuda"])
+@pytest.mark.parametrize("name", ["rocm", "metal"])
 def test_unimplemented_backend_names_are_unknown(monkeypatch, name):
     with pytest.raises(ValueError, match=rf"unknown backend '{name}'"):
         resolve_backend(name, CPU)
@@ -109,6 +114,16 @@ def test_unimplemented_backend_names_are_unknown(monkeypatch, name):
         cached_branch(*branch_inputs())
     with pytest.raises(ValueError, match="cannot register backend"):
         dispatch.register_backend("cached_branch", name, lambda *a, **k: None, lambda d: True)
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    """"cuda" names the CUDA C++ kernels: on CPU tensors it is refused with its reason (the build lacks
+    them, or the tensors are not on a GPU), never run."""
+    reason = eoc_kernels.cuda.unavailable_reason(CPU)
+    assert reason
+    with pytest.raises(ValueError, match=r"backend 'cuda' .*not available for device cpu; available: .*: "
+                                         + re.escape(reason)):
+        cached_branch(*branch_inputs(), backend="cuda")
 
 
 def test_backend_not_available_on_device(registry):

@@ -29,6 +29,7 @@ from .naive import (
     segment_threshold,
     splitting_threshold,
 )
+from .op_inputs import requiring_grad, small_op_inputs
 from .test_segment import TERM_CASES, check_segment_case
 from .triton_setup import NEEDS_INTERPRETER, triton_backend
 from .triton_setup import poisoned_outputs as poisoned_output_buffers
@@ -386,7 +387,7 @@ def test_custom_op_refuses_devices_it_cannot_run_on(monkeypatch):
     monkeypatch.setattr(triton_backend._common, "INTERPRETED", False)
     x = torch.randn(1, 2, 3)
     with pytest.raises(RuntimeError, match="eoc::cached_branch runs a Triton kernel"):
-        torch.ops.eoc.cached_branch(x, x[:, 0], x, None, None, None, [0.0] * 3, None, 0.0, None)
+        torch.ops.eoc.cached_branch(x, x[:, 0], x, None, None, None, [0.0] * 3, None, 0.0, None, "triton")
 
 
 def test_segment_kernel_never_reads_past_the_generations():
@@ -404,7 +405,7 @@ def test_segment_kernel_never_reads_past_the_generations():
     clamped = bad.clamp(0, 1)
     for coef in (segment["coef"], None):
         out = torch.ops.eoc.cached_segment(x, segment["gates"], buffer[1:3], bad, None, None,
-                                           coef, 0.0, None)
+                                           coef, 0.0, None, "triton")
         expected = reference.cached_segment(x, segment["gates"], buffer[1:3], clamped, coef=coef)
         torch.testing.assert_close(out, expected)
 
@@ -419,39 +420,6 @@ def test_empty_inputs():
 
 # --- torch.library: opcheck and torch.compile --------------------------------------------------
 
-def small_op_inputs(gen):
-    """Positional arguments of each eoc:: custom op on small inputs, every feature on."""
-    shape = (2, 5, 6)
-    x = torch.randn(shape, generator=gen)
-    branch = random_branch(gen, *shape, torch.float32, heads=2)
-    segment = random_segment(gen, *shape, torch.float32, blocks=2)
-    threshold = torch.tensor([0.1])
-    return {
-        "cached_branch": [
-            (x, branch["gate"], branch["cache"], branch["prev"], branch["delta"],
-             branch["trend"], [0.5, -0.25, 0.75], None, 0.1, None),
-            (x, branch["gate"], branch["cache"], None, branch["delta"], None, [0.0] * 3,
-             torch.tensor([0.5, 0.0, 1.0]), 0.0, threshold)],
-        "cached_block": [
-            (x, branch["gate"], branch["gate"], branch["cache"], branch["prev"], branch["prev"],
-             None, branch["delta"], branch["delta"], branch["trend"], None,
-             [0.5, -0.25, 0.75, 0.0, 1.0, 0.0], None, torch.tensor([0.1, 0.2, 0.3]), 0.1,
-             threshold)],
-        "cached_segment": [
-            (x, segment["gates"], segment["cache"], segment["generation"], segment["delta"],
-             segment["trend"], segment["coef"], 0.0, threshold),
-            (x, segment["gates"], segment["cache"][:1], segment["generation"], None, None, None,
-             0.1, None)],
-    }
-
-
-def requiring_grad(args):
-    """args with every float tensor replaced by a leaf copy that requires grad."""
-    return tuple(arg.detach().clone().requires_grad_()
-                 if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg
-                 for arg in args)
-
-
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("op_name", ["cached_branch", "cached_block", "cached_segment"])
 def test_opcheck(op_name, grad):
@@ -460,7 +428,7 @@ def test_opcheck(op_name, grad):
     # inputs requiring grad, also checks the backward against eager).
     gen = torch.Generator().manual_seed(30)
     op = getattr(torch.ops.eoc, op_name).default
-    for args in small_op_inputs(gen)[op_name]:
+    for args in small_op_inputs(gen, "triton")[op_name]:
         torch.library.opcheck(op, requiring_grad(args) if grad else args)
 
 
