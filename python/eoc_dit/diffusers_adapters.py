@@ -252,10 +252,17 @@ def _register(module: nn.Module, hook: _EOCHook):
 
     def undo():
         registry.remove_hook(HOOK_NAME, recurse=False)
-        if not registry.hooks:  # nothing else hooked: leave the module as we found it
+        if registry.hooks:
+            return
+        if created:  # the registry was ours and nothing else is hooked: the module as we found it
             _restore_attr(module, "forward", saved_forward)
-            if created and getattr(module, "_diffusers_hook", None) is registry:
+            if getattr(module, "_diffusers_hook", None) is registry:
                 del module._diffusers_hook
+        else:  # the registry left the class's own forward as an instance attribute: drop that
+            current = module.__dict__.get("forward")
+            if getattr(current, "__self__", None) is module and \
+                    getattr(current, "__func__", None) is type(module).forward:
+                del module.__dict__["forward"]
 
     return undo
 

@@ -111,7 +111,7 @@ class PipelineSampler:
         if labels.shape[0] != noise.shape[0]:
             raise InputValueError(f"labels must have one entry per noise row ({noise.shape[0]}), got {labels.shape[0]}")
         pipe.set_progress_bar_config(disable=not progress)
-        device = pipe._execution_device
+        device = pipe.transformer.device
         noise = noise.to(device=device, dtype=pipe.transformer.dtype)
         kwargs = dict(guidance_scale=float(cfg_scale), num_inference_steps=self.num_steps, output_type="pt")
         kwargs.update(self.call_kwargs)
