@@ -119,7 +119,10 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
     # setuptools >= 70.1 builds wheels without the `wheel` package: tests/test_wheel.py builds one
     # with --no-build-isolation (a fresh Python 3.11 venv starts with setuptools 65).
-    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "ninja", "triton", "setuptools>=70.1"]},
+    # diffusers (and transformers, for PixArtAlphaPipeline) require no torch, so the pinned torch stays.
+    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "ninja", "triton", "setuptools>=70.1",
+                            "diffusers>=0.42.1,<0.43", "transformers>=5.24,<6"],
+                    "diffusers": ["diffusers>=0.42.1,<0.43", "transformers>=5.24,<6"]},
     entry_points={"console_scripts": ["eoc=eoc_dit.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -228,3 +228,24 @@ def test_eoc_dit_imports_and_patches_its_own_dit_without_diffusers():
             "m = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=4); "
             "h = apply_eoc(m, FORASchedule(2)); h.remove(); assert 'diffusers' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cached_fora_step_is_one_fused_segment(kind, monkeypatch):
+    import eoc_kernels
+
+    calls = []
+    original = eoc_kernels.cached_segment
+
+    def counting(x, gates, cache, *args, **kwargs):
+        calls.append(tuple(cache.shape[:3]))  # (G, S, 2)
+        return original(x, gates, cache, *args, **kwargs)
+
+    monkeypatch.setattr(eoc_kernels, "cached_segment", counting)
+    model = make(kind)
+    with apply_eoc(model, FORASchedule(2)) as handle:
+        run(model, kind)
+        stacked = handle.executor._gate_weight is not None
+    num_units = 4 if kind == "pixart" else 2
+    assert calls == [(1, num_units, 2)] * 2  # steps 1 and 3: one pass over every unit
+    assert stacked == (kind == "dit")  # one gate matmul where the gate input is shared
