@@ -428,7 +428,9 @@ cached_branches_kernel(const __grid_constant__ BranchParams<Ty> p) {
     e.trend_c = br.trend.stride_c;
     add_entry<Ty, VECTORIZED, JUDGE>(acc, e, s, threshold, p.threshold_tensor != nullptr, red, k);
   }
-  if (row_valid) store_row<Ty, VECTORIZED>(p.out.data + b * p.out.stride_b + n * p.out.stride_n, p.out.stride_c, s, acc);
+  if (row_valid) {
+    store_row<Ty, VECTORIZED>(p.out.data + b * p.out.stride_b + n * p.out.stride_n, p.out.stride_c, s, acc);
+  }
 }
 
 // cached_segment: out = x + Σ_{s,k} gates[:, s, k] ⊙ F̂_{s,k}, entries in the order (0, attn), (0, mlp), ...
@@ -488,7 +490,9 @@ cached_segment_kernel(const __grid_constant__ SegmentParams<Ty> p) {
     add_entry<Ty, VECTORIZED, JUDGE>(acc, e, s, threshold, p.threshold_tensor != nullptr, red,
                                      static_cast<int>(entry & 1));
   }
-  if (row_valid) store_row<Ty, VECTORIZED>(p.out.data + b * p.out.stride_b + n * p.out.stride_n, p.out.stride_c, s, acc);
+  if (row_valid) {
+    store_row<Ty, VECTORIZED>(p.out.data + b * p.out.stride_b + n * p.out.stride_n, p.out.stride_c, s, acc);
+  }
 }
 
 // --- launch ------------------------------------------------------------------------------------------
