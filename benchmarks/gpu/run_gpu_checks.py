@@ -1,16 +1,19 @@
-"""GPU checks in one command: Triton-vs-reference parity, then timings at DiT-XL/2 shapes (DESIGN §6).
+"""GPU checks in one command: Triton / CUDA C++ vs reference parity, then timings at DiT-XL/2 shapes (DESIGN §6).
 
     python benchmarks/gpu/run_gpu_checks.py             # a CUDA GPU (H100 / H200): a few minutes
     python benchmarks/gpu/run_gpu_checks.py --dry-run   # CPU, Triton interpreter, tiny shapes
 
-(a) Parity: every op's "triton" backend against the "torch" reference on fresh random inputs (odd and
-    DiT shapes, B 1..4 and 64, fp32 / fp16 / bf16, every correction term, float and tensor
-    coefficients, token thresholds), and the patched DiT sampler (triton vs torch backend). Prints
-    PASS / FAIL per group; any FAIL makes the exit status 1.
+(a) Parity: every op's "triton" backend, and the "cuda" backend (the CUDA C++ kernels of
+    csrc/cuda_ops.cu) where eoc_kernels._C was built with them, against the "torch" reference on fresh
+    random inputs (odd and DiT shapes, B 1..4 and 64, fp32 / fp16 / bf16, every correction term, float
+    and tensor coefficients, token thresholds), and the patched DiT sampler (triton vs torch backend).
+    Prints PASS / FAIL per group; any FAIL makes the exit status 1.
 (b) Timings at DiT-XL/2 shapes (N = 256, C = 1152, 28 blocks, bf16, random weights), batches
-    2 / 16 / 64: cached_block (fused vs eager vs torch.compile vs the copy-bandwidth floor); the
-    whole cached step (eager and fused, plain and in a CUDA graph) against the full step; DDIM-20
-    sampling of 16 images with FORA N = 2 / 3, with and without EOC, against uncached.
+    2 / 16 / 64: cached_block (fused triton and cuda vs eager vs torch.compile vs the copy-bandwidth
+    floor); the whole cached step, i.e. one cached_segment over every block (eager, triton and cuda,
+    plain and in a CUDA graph) against the full step; DDIM-20 sampling of 16 images with FORA N = 2 / 3,
+    with and without EOC, against uncached. Without the CUDA kernels the report says "cuda backend: not
+    built" and those rows are absent.
 (c) Writes Markdown + JSON (GPU name, torch / triton versions, commit, date) to benchmarks/results/
     and to $OUT when set.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import os
 import sys
@@ -68,6 +72,7 @@ class Plan:
     def __init__(self, dry_run: bool):
         self.dry_run = dry_run
         self.device = torch.device("cpu" if dry_run else "cuda")
+        self.fused_backends, self.cuda_note = fused_backends(self.device)
         if dry_run:
             self.parity_shapes = [(1, 5, 7), (2, 8, 16), (3, 5, 12), (4, 3, 9)]
             self.parity_blocks = 2
@@ -91,6 +96,17 @@ class Plan:
 
 def log(message=""):
     print(message, flush=True)
+
+
+def fused_backends(device):
+    """(the fused backends checked and timed on device, a note on the "cuda" backend)."""
+    import eoc_kernels
+
+    if "cuda" not in eoc_kernels.available_backends("cuda"):
+        return ["triton"], "cuda backend: not built"
+    if device.type != "cuda":
+        return ["triton"], "cuda backend: built, not run (dry run on CPU; its kernels need CUDA tensors)"
+    return ["triton", "cuda"], "cuda backend: built, checked and timed"
 
 
 def cell(text) -> str:
@@ -170,7 +186,7 @@ def parity_cases(plan):
     return cases
 
 
-def run_parity_case(plan, spec, seed):
+def run_parity_case(plan, spec, seed, backend="triton"):
     batch, tokens, channels = spec["shape"]
     options = dict(terms=spec["terms"], heads=spec.get("heads"), blocks=plan.parity_blocks,
                    coef_tensor=spec.get("coef_tensor", False), coef_scale=spec.get("coef_scale", 1.0),
@@ -182,7 +198,7 @@ def run_parity_case(plan, spec, seed):
         case = common.make_case(spec["op"], batch, tokens, channels, spec["dtype"], plan.device,
                                 token_threshold=threshold, **options)
     expected = case.run("torch")
-    got = case.run("triton")
+    got = case.run(backend)
     tol = dict(TOLERANCES[spec["dtype"]])
     if spec["op"] == "cached_segment":  # a sum of 2·S rounded-fp32 entries
         tol["atol"] *= plan.parity_blocks
@@ -210,21 +226,28 @@ def describe_case(spec, threshold):
 
 
 def op_parity(plan, results):
-    start = time.perf_counter()
-    specs = parity_cases(plan)
     failures = 0
-    for index, spec in enumerate(specs):
-        try:
-            ok, max_error, threshold = run_parity_case(plan, spec, seed=index)
-            note = f"max abs error {max_error:.3g}"
-        except Exception as error:  # a crash is a failure of that case, not of the run
-            ok, max_error, threshold, note = False, None, spec.get("threshold", 0.0), f"{type(error).__name__}: {error}"
-        label = describe_case(spec, threshold if isinstance(threshold, float) else 0.0)
-        results["parity"].append(dict(kind="op", case=label, ok=ok, max_error=max_error, note=note))
-        if not ok:
-            failures += 1
-            log(f"  FAIL {label}: {note}")
-    log(f"op parity: {len(specs) - failures}/{len(specs)} PASS ({time.perf_counter() - start:.0f} s)")
+    log(plan.cuda_note)
+    for backend in plan.fused_backends:
+        start = time.perf_counter()
+        specs = parity_cases(plan)
+        backend_failures = 0
+        for index, spec in enumerate(specs):
+            try:
+                ok, max_error, threshold = run_parity_case(plan, spec, seed=index, backend=backend)
+                note = f"max abs error {max_error:.3g}"
+            except Exception as error:  # a crash is a failure of that case, not of the run
+                ok, max_error, threshold = False, None, spec.get("threshold", 0.0)
+                note = f"{type(error).__name__}: {error}"
+            label = describe_case(spec, threshold if isinstance(threshold, float) else 0.0)
+            results["parity"].append(dict(kind="op", backend=backend, case=label, ok=ok, max_error=max_error,
+                                          note=note))
+            if not ok:
+                backend_failures += 1
+                log(f"  FAIL {backend} {label}: {note}")
+        log(f"op parity ({backend}): {len(specs) - backend_failures}/{len(specs)} PASS "
+            f"({time.perf_counter() - start:.0f} s)")
+        failures += backend_failures
     return failures
 
 
@@ -233,8 +256,8 @@ def relative_error(a, b) -> float:
 
 
 def sampler_parity(plan, results):
-    """The patched DiT sampler, triton vs torch backend: fp32 within 1e-4 relative; fp16 / bf16 at most
-    twice the same-dtype eager error against fp32 (plus 1e-3)."""
+    """The patched DiT sampler, each fused backend (triton, and cuda where built) vs torch: fp32 within 1e-4
+    relative; fp16 / bf16 at most twice the same-dtype eager error against fp32 (plus 1e-3)."""
     from eoc_dit import DDIMSampler, EOCConfig, FORASchedule, apply_eoc
 
     start = time.perf_counter()
@@ -262,25 +285,27 @@ def sampler_parity(plan, results):
 
         for dtype in dtypes:
             model = model32 if dtype == torch.float32 else common.cast_model(copy.deepcopy(model32), dtype)
-            for variant in SAMPLER_VARIANTS:
+            for variant, backend in itertools.product(SAMPLER_VARIANTS, plan.fused_backends):
                 if prior is None and variant in ("trend", "delta+threshold"):
                     continue
                 total += 1
-                label = f"sampler {name} {common.dtype_name(dtype)} FORA N={interval} DDIM-{steps} {variant}"
+                label = (f"sampler {name} {common.dtype_name(dtype)} FORA N={interval} DDIM-{steps} {variant}"
+                         f"{'' if backend == 'triton' else f' ({backend})'}")
                 try:
-                    fused, eager = sample(model, variant, "triton"), sample(model, variant, "torch")
+                    fused, eager = sample(model, variant, backend), sample(model, variant, "torch")
                     if dtype == torch.float32:
                         error, allowed = relative_error(fused, eager), 1e-4
-                        note = f"rel err triton vs torch {error:.2e} (allowed {allowed:.0e})"
+                        note = f"rel err {backend} vs torch {error:.2e} (allowed {allowed:.0e})"
                     else:
                         exact = sample(model32, variant, "torch")
                         error, eager_error = relative_error(fused, exact), relative_error(eager, exact)
                         allowed = 2 * eager_error + 1e-3
-                        note = f"rel err vs fp32: triton {error:.2e}, torch {eager_error:.2e} (allowed {allowed:.2e})"
+                        note = (f"rel err vs fp32: {backend} {error:.2e}, torch {eager_error:.2e} "
+                                f"(allowed {allowed:.2e})")
                     ok = bool(torch.isfinite(fused).all()) and error <= allowed
                 except Exception as exc:
                     ok, note = False, f"{type(exc).__name__}: {exc}"
-                results["parity"].append(dict(kind="sampler", case=label, ok=ok, note=note))
+                results["parity"].append(dict(kind="sampler", backend=backend, case=label, ok=ok, note=note))
                 if not ok:
                     failures += 1
                 log(f"  {'PASS' if ok else 'FAIL'} {label}: {note}")
@@ -304,8 +329,9 @@ def block_timings(plan, results, copy_bw):
         for correction in ("extrapolate", "all"):
             case = common.make_case("cached_block", batch, shapes["N"], shapes["C"], dtype, plan.device,
                                     terms=common.CORRECTIONS[correction])
-            variants = {"fused (triton)": lambda case=case: case.run("triton"),
-                        "eager (torch)": lambda case=case: case.run("torch")}
+            variants = {f"fused ({backend})": lambda case=case, backend=backend: case.run(backend)
+                        for backend in plan.fused_backends}
+            variants["eager (torch)"] = lambda case=case: case.run("torch")
             if correction == "extrapolate":
                 variants["torch.compile(reference)"] = torch.compile(case.run_reference, dynamic=False,
                                                                      backend=compile_backend)
@@ -385,6 +411,9 @@ def step_timings(plan, results, model):
     variants = [("FORA plain reuse, eager", "torch", None), ("FORA plain reuse, fused", "triton", None),
                 ("FORA + EOC extrapolate, eager", "torch", EOCConfig(mode="extrapolate")),
                 ("FORA + EOC extrapolate, fused", "triton", EOCConfig(mode="extrapolate"))]
+    if "cuda" in plan.fused_backends:  # the CUDA C++ cached_segment
+        variants += [("FORA plain reuse, fused (cuda)", "cuda", None),
+                     ("FORA + EOC extrapolate, fused (cuda)", "cuda", EOCConfig(mode="extrapolate"))]
     for rows in plan.batches:
         inputs = common.StepInputs(model, rows, plan.device, dtype)
         runs = [("full step (uncached)", None, None, inputs.full_step(model))]
@@ -460,15 +489,16 @@ def markdown(plan, results) -> str:
              + (" · DRY RUN (CPU, Triton interpreter; no numbers)" if dry else ""), ""]
     parity = results["parity"]
     passed = sum(r["ok"] for r in parity)
-    lines += [f"## Parity: {passed}/{len(parity)} PASS", ""]
+    lines += [f"## Parity: {passed}/{len(parity)} PASS", "", f"{results.get('cuda_backend', '')}.", ""]
     ops = [r for r in parity if r["kind"] == "op"]
-    if ops:
-        lines += [f"Ops (triton vs torch reference): {sum(r['ok'] for r in ops)}/{len(ops)} PASS; largest |error| "
-                  f"{fmt(max((r['max_error'] or 0) for r in ops), '.3g', dry)}.", ""]
+    for backend in dict.fromkeys(r.get("backend", "triton") for r in ops):
+        mine = [r for r in ops if r.get("backend", "triton") == backend]
+        lines += [f"Ops ({backend} vs torch reference): {sum(r['ok'] for r in mine)}/{len(mine)} PASS; largest "
+                  f"|error| {fmt(max((r['max_error'] or 0) for r in mine), '.3g', dry)}.", ""]
     failed = [r for r in ops if not r["ok"]]
     if failed:
-        lines += ["| failed case | note |", "|---|---|"]
-        lines += [f"| {cell(r['case'])} | {cell(r['note'])} |" for r in failed] + [""]
+        lines += ["| backend | failed case | note |", "|---|---|---|"]
+        lines += [f"| {r.get('backend', 'triton')} | {cell(r['case'])} | {cell(r['note'])} |" for r in failed] + [""]
     samplers = [r for r in parity if r["kind"] == "sampler"]
     if samplers:
         lines += ["| sampler case | result | note |", "|---|---|---|"]
@@ -545,7 +575,7 @@ def main(args) -> int:
     if plan.dry_run:
         torch.set_num_threads(1)  # tiny tensors: a second intra-op thread only spins on a shared CPU
     results = dict(environment=common.environment(plan.device), dry_run=plan.dry_run, parity=[], cached_block=[],
-                   step=[], sampling=[], errors={}, copy_bandwidth_gbps=None)
+                   step=[], sampling=[], errors={}, copy_bandwidth_gbps=None, cuda_backend=plan.cuda_note)
     log(f"{common.environment_line(results['environment'])}{' · DRY RUN' if plan.dry_run else ''}")
     failures = 0
     if "parity" not in args.skip:
