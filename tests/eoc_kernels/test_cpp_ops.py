@@ -372,6 +372,31 @@ def test_bit_identical_to_the_reference(op, dtype, threshold, isa):
 
 
 @NEEDS_CPP
+@pytest.mark.parametrize("coef", [None, (0.0, 0.7, 0.0), (0.5, -0.3, 0.2), "random"],
+                         ids=["plain", "extrapolate", "all", "mixed"])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouped_entries_are_bit_identical(dtype, blocks, coef):
+    """Consecutive unjudged entries with the same terms run as one pass of up to four (csrc/cpu_kernels.h,
+    add_entry_group): 2, 4, 6 and 10 entries give passes of 2, 4, 4 + 2 and 4 + 4 + 2 (mixed coefficients
+    break the runs), bit-identical to the reference and to one entry per pass (the threshold > 0 case,
+    which the grouping does not take for corrected entries)."""
+    gen = torch.Generator().manual_seed(39 + blocks)
+    shape = (2, 9, 37)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    segment = random_segment(gen, *shape, dtype, blocks=blocks, heads=2, coef=coef)
+    args = {key: item for key, item in segment.items() if key != "entries"}
+    expected = reference.cached_segment(x, args.pop("gates"), args.pop("cache"), args.pop("generation"), **args)
+    with poisoned_output_buffers():
+        out = run_segment(x, segment, **CPP)
+    assert torch.equal(out, expected)
+    # A tiny threshold (no token's score is near it) judges every corrected entry one by one.
+    tiny = 1e-30
+    expected = run_segment(x, segment, token_threshold=tiny, backend="torch")
+    assert torch.equal(run_segment(x, segment, token_threshold=tiny, **CPP), expected)
+
+
+@NEEDS_CPP
 def test_every_kernel_variant_agrees():
     """AVX-512, AVX2 and SSE2 give equal results (no FMA contraction, the same 16 norm lanes)."""
     gen = torch.Generator().manual_seed(35)
