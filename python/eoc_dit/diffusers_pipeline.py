@@ -24,6 +24,7 @@ PixArt puts the unconditional half first in its CFG batch; ``uncond_first`` tell
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from diffusers import DiTPipeline, PixArtAlphaPipeline
@@ -34,6 +35,11 @@ from .errors import InputTypeError, InputValueError
 if not callable(getattr(pipeline_dit, "randn_tensor", None)):  # the one non-public name this module relies on
     raise ImportError("diffusers.pipelines.dit.pipeline_dit.randn_tensor is missing: this diffusers version is "
                       "not supported by eoc_dit.diffusers_pipeline")
+
+
+_RESERVED = {"class_labels", "prompt", "negative_prompt", "prompt_embeds", "prompt_attention_mask",
+             "negative_prompt_embeds", "negative_prompt_attention_mask", "latents", "generator", "guidance_scale",
+             "num_inference_steps", "output_type", "height", "width"}
 
 
 class PipelineSampler:
@@ -54,6 +60,9 @@ class PipelineSampler:
                                  f"got {type(pipe).__name__}")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise InputValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        reserved = sorted(set(call_kwargs) & _RESERVED)
+        if reserved:
+            raise InputValueError(f"call_kwargs must not set {', '.join(reserved)}: the sampler sets them")
         self.pipe, self.num_steps, self.call_kwargs = pipe, num_inference_steps, call_kwargs
         self.is_pixart = isinstance(pipe, PixArtAlphaPipeline)
         self.uncond_first = self.is_pixart  # PixArt's CFG batch is [uncond; cond]
@@ -103,6 +112,8 @@ class PipelineSampler:
         the images as a [B, 3 or C, H, W] tensor (``output_type="pt"``). ``model`` must be the pipeline's
         transformer (the one ``apply_eoc`` patched)."""
         pipe = self.pipe
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
+            raise InputValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
         if model is not pipe.transformer:
             raise InputValueError("model must be the pipeline's transformer (pipe.transformer)")
         if not isinstance(noise, torch.Tensor) or tuple(noise.shape[1:]) != self.noise_shape or noise.dim() != 4:

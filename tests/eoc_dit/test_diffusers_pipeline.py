@@ -129,7 +129,11 @@ def test_pipeline_sampler_checks_its_arguments():
     embeds, mask, negative, _ = prompt_embeddings()
     with pytest.raises(InputValueError, match=r"prompt_attention_mask must be a \[3, 5\] tensor"):
         PipelineSampler(pixart_pipeline(), STEPS, prompt_embeds=embeds, prompt_attention_mask=mask[:1])
+    with pytest.raises(InputValueError, match="call_kwargs must not set guidance_scale, latents"):
+        PipelineSampler(pipe, STEPS, latents=None, guidance_scale=2.0)
     sampler = PipelineSampler(pipe, STEPS)
+    with pytest.raises(InputValueError, match="cfg_scale must be a finite number"):
+        sampler.sample(pipe.transformer, sampler.noise_for_seed(0), torch.tensor([1]), cfg_scale="4")
     with pytest.raises(InputTypeError, match="seed must be an int"):
         sampler.noise_for_seed(1.5)
     noise = sampler.noise_for_seed(0)
