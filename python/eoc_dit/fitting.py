@@ -151,14 +151,15 @@ def _batch(model, labels, seeds, device, sampler=None):
 
 def trajectory_score_db(samples: torch.Tensor, uncached: torch.Tensor,
                         clamp: tuple[float, float] | None = None) -> float:
-    """Mean over samples of −10·log10(MSE to the uncached sample): PSNR up to a constant, for any
-    sample space (pixels or latents). Higher is closer; identical samples count 100. ``clamp``
-    (low, high): compare the samples as they will be shown, e.g. (−1, 1) for a pixel-space model
-    whose out-of-range values are clipped (errors there are invisible)."""
+    """−10·log10(MSE to the uncached samples), the MSE pooled over every element of every sample: pooled
+    PSNR up to a constant, for any sample space (pixels or latents). Higher is closer; identical samples
+    count 100. Pooled, not a mean of per-sample figures, which near-blank easy samples dominate.
+    ``clamp`` (low, high): compare the samples as they will be shown, e.g. (−1, 1) for a pixel-space
+    model whose out-of-range values are clipped (errors there are invisible)."""
     if clamp is not None:
         samples, uncached = samples.clamp(*clamp), uncached.clamp(*clamp)
-    mse = (samples.double() - uncached.double()).pow(2).flatten(1).mean(1)
-    return float(torch.where(mse > 0, -10 * torch.log10(mse.clamp(min=1e-30)), torch.full_like(mse, 100.0)).mean())
+    mse = (samples.double() - uncached.double()).pow(2).mean()
+    return float(-10 * torch.log10(mse)) if mse > 0 else 100.0
 
 
 def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior, labels, seeds, *,

@@ -200,6 +200,10 @@ def test_trajectory_score_db():
     reference = torch.zeros(2, 1, 2, 2)
     assert trajectory_score_db(reference + 0.1, reference) == pytest.approx(20.0)
     assert trajectory_score_db(reference, reference) == 100.0
+    # Pooled over samples: one exact sample does not hide the other (MSE 0.01 / 2, not a mean with 100).
+    half = reference.clone()
+    half[1] += 0.1
+    assert trajectory_score_db(half, reference) == pytest.approx(-10 * math.log10(0.005))
     # Clamped: an error beyond the range is invisible, one inside it counts.
     outside = torch.full((2, 1, 2, 2), 1.5)
     assert trajectory_score_db(outside, outside + 1.0, clamp=(-1.0, 1.0)) == 100.0

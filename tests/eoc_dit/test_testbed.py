@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eoc_dit.testbed import classifier_accuracy, fd, psnr
+from eoc_dit.testbed import classifier_accuracy, fd, image_psnrs, psnr
 from eoc_dit.testbed.classifier import FashionCNN, frechet_distance, train_classifier
 from eoc_dit.testbed.data import load_fashion_mnist, read_idx
 from eoc_dit.testbed.train import TrainConfig, train_testbed
@@ -111,6 +111,19 @@ def test_psnr_values():
         psnr(reference[:2], reference)
     with pytest.raises(ValueError, match=r"\[B, 1, 28, 28\]"):
         psnr(torch.zeros(2, 3, 28, 28), torch.zeros(2, 3, 28, 28))
+
+
+def test_psnr_is_pooled_not_a_mean_of_images():
+    """One exact image and one off by 0.2 everywhere: pooled MSE 0.02 (20.0 dB), while the mean of
+    per-image PSNRs would be (100 + 20.0) / 2 = 60 dB; per-image values keep each image's own MSE."""
+    reference = torch.zeros(2, 1, 28, 28)
+    images = reference.clone()
+    images[1] += 0.2
+    assert psnr(images, reference) == pytest.approx(10 * math.log10(4 / 0.02))
+    per_image = image_psnrs(images, reference)
+    assert per_image.tolist() == pytest.approx([100.0, 10 * math.log10(4 / 0.04)])
+    # clamped to [-1, 1] before the error: an excursion beyond the range is invisible
+    assert psnr(torch.full((1, 1, 28, 28), 3.0), torch.ones(1, 1, 28, 28)) == 100.0
 
 
 def test_metric_input_checks():

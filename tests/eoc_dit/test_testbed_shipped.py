@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import math
 import os
 import shutil
 
@@ -95,7 +96,10 @@ def test_eoc_evaluate_cli(capsys, tmp_path):
     fora = next(r for r in csv.DictReader(io.StringIO("\n".join(rows))) if r["method"] == "FORA N=2")
     per_set = [float(v) for v in fora["psnr_sets"].split(";")]
     assert len(per_set) == 2 and min(per_set) <= float(fora["psnr"]) <= max(per_set)
-    assert float(fora["psnr"]) == pytest.approx((3 * per_set[0] + 2 * per_set[1]) / 5, rel=1e-4)
+    # Pooled: the MSE of all 5 samples is the sample-weighted mean of the halves' MSEs (4 · 10^(−PSNR/10)).
+    mse = [4 * 10 ** (-v / 10) for v in per_set]
+    assert float(fora["psnr"]) == pytest.approx(10 * math.log10(4 / ((3 * mse[0] + 2 * mse[1]) / 5)), rel=1e-4)
+    assert float(fora["p10_image_psnr"]) <= float(fora["mean_image_psnr"])
     assert main(["evaluate", "--samples", "3", "--out-dir", str(tmp_path)]) == 2  # 2 sets need >= 4 samples
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["evaluate", "--modes", "bogus", "--out-dir", str(tmp_path)]) == 2
