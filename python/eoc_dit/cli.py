@@ -227,8 +227,21 @@ def cmd_fit(args) -> None:
         prior.add_fit(fit)
         print(f"fitted {schedule} ({', '.join(args.terms)}, gain {fit.info['gain']}): {fit.info['corrected_entries']} "
               f"of {fit.info['reuse_entries']} reuse entries corrected")
-    prior.save(args.out, dtype=prior.mean.dtype)  # a loaded mean is already in a storage dtype
+    prior.save(args.out, storage=prior.storage)  # kept in the storage it was loaded in
     print(f"{prior} with {len(prior.fits)} fits written to {args.out}")
+
+
+def cmd_prior_convert(args) -> None:
+    from .prior import Prior
+    from .prior_storage import parse_storage
+
+    storage = parse_storage(args.storage)  # a typo fails before the file is read
+    _check_writable(args.out)
+    prior = Prior.load(args.input)
+    converted = prior.with_storage(storage)
+    converted.save(args.out, storage=converted.storage)
+    print(f"{args.input} ({prior.storage}, {os.path.getsize(args.input):,} bytes) -> {args.out} "
+          f"({converted.storage}, {os.path.getsize(args.out):,} bytes)")
 
 
 def cmd_sample(args) -> None:
@@ -298,10 +311,25 @@ def cmd_train_testbed(args) -> None:
         value = getattr(args, option)
         if value is not None and not value >= low:  # `not >=`: NaN fails too
             raise InputValueError(f"--{option.replace('_', '-')} must be >= {low}, got {value}")
+    if args.checkpoint_every < 0:
+        raise InputValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    card = train_testbed(TrainConfig(**overrides), args.out, progress=True)
+    card = train_testbed(TrainConfig(**overrides), args.out, progress=True, device=_training_device(args.device),
+                         resume=args.resume, checkpoint_every=args.checkpoint_every)
     print(f"trained {card['iterations_run']} iterations in {card['wall_time_s']:.0f} s, "
           f"final loss {card['final_loss_mean_last_100']:.4f} -> {args.out}")
+
+
+def _training_device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputValueError(f"--device must be a torch device such as cpu or cuda, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputValueError("--device cuda: no CUDA device is available")
+    return device
 
 
 def cmd_train_classifier(args) -> None:
@@ -419,6 +447,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output prior file (may be the input)")
     p.set_defaults(func=cmd_fit)
 
+    p = sub.add_parser("prior", help="prior files: convert to another storage (fp8, low rank, coefficients only)",
+                       description="Operations on prior files.")
+    prior_sub = p.add_subparsers(dest="prior_command", metavar="PRIOR_COMMAND", required=True)
+    q = prior_sub.add_parser("convert", help="write a prior in another storage",
+                             description="Write INPUT's prior to OUT in another storage: float32, float16, "
+                                         "bfloat16 (dense means), fp8 (e4m3, one fp32 scale per step, block and "
+                                         "branch), lowrank:R (rank-R temporal PCA of each block's, branch's and "
+                                         "CFG half's means), statistics (no means: calibrated mode, extrapolate) "
+                                         "or coefficients (fits only, kilobytes: calibrated mode). docs/DESIGN.md "
+                                         "§4.10.")
+    q.add_argument("input", help="prior file (.safetensors)")
+    q.add_argument("out", help="output prior file (may be the input)")
+    q.add_argument("--storage", required=True,
+                   help="float32 | float16 | bfloat16 | fp8 | lowrank:R | statistics | coefficients")
+    q.set_defaults(func=cmd_prior_convert)
+
     p = sub.add_parser("sample", help="sample with a caching schedule and an optional EOC correction",
                        description="Sample every (label, seed) pair, optionally with caching and EOC.")
     _add_model_args(p)
@@ -471,6 +515,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--max-minutes", dest="max_minutes", type=float, default=None,
                    help="stop early after this much wall time (default: no limit)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up iterations (default 200)")
+    p.add_argument("--ema-decay", dest="ema_decay", type=float, default=None, help="EMA decay (default 0.999)")
+    p.add_argument("--hidden-size", dest="hidden_size", type=int, default=None, help="model width (default 256)")
+    p.add_argument("--depth", type=int, default=None, help="blocks (default 6)")
+    p.add_argument("--num-heads", dest="num_heads", type=int, default=None, help="attention heads (default 4)")
+    p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
+                   help="write train_state.pt every this many iterations and when the run stops (default 0: never)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from --out's train_state.pt (only --iterations and --max-minutes may change)")
     p.set_defaults(func=cmd_train_testbed)
 
     p = sub.add_parser("train-classifier", help="train the testbed's Fashion-MNIST feature classifier (minutes)",

@@ -77,6 +77,51 @@ def test_train_testbed_is_seeded_and_writes_a_loadable_checkpoint(tmp_path):
         train_testbed(config, str(tmp_path / "nowhere"), images=images, labels=labels, progress=False)
 
 
+def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path):
+    """3 iterations, stop, resume to 7: the same weights, EMA, optimizer state and loss curve as 7 in one
+    go (across the warm-up's end, a reshuffle of the data order and the label dropout's random draws)."""
+    images = torch.rand(32, 1, 28, 28) * 2 - 1
+    labels = torch.randint(0, 10, (32,))
+    settings = dict(hidden_size=32, depth=1, num_heads=2, batch_size=8, warmup=2)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir()
+    split.mkdir()
+    card = train_testbed(TrainConfig(iterations=7, **settings), str(straight), images=images, labels=labels,
+                         progress=False, checkpoint_every=7)
+    train_testbed(TrainConfig(iterations=3, **settings), str(split), images=images, labels=labels, progress=False,
+                  checkpoint_every=3)
+    resumed = train_testbed(TrainConfig(iterations=7, **settings), str(split), images=images, labels=labels,
+                            progress=False, resume=True, checkpoint_every=2)
+    assert resumed["iterations_run"] == card["iterations_run"] == 7 and resumed["resumed_from_iteration"] == 3
+    a = torch.load(straight / "train_state.pt", weights_only=True)
+    b = torch.load(split / "train_state.pt", weights_only=True)
+    assert a["next_step"] == b["next_step"] == 7 and a["losses"] == b["losses"]
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    moments = [(x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(),
+                                                           b["optimizer"]["state"].values())]
+    assert moments and all(torch.equal(x, y) for x, y in moments)
+    weights = [torch.load(folder / "testbed_dit.pt", weights_only=True) for folder in (straight, split)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_resume_refuses_another_run_or_a_missing_state(tmp_path):
+    images = torch.rand(16, 1, 28, 28) * 2 - 1
+    labels = torch.randint(0, 10, (16,))
+    config = TrainConfig(hidden_size=32, depth=1, num_heads=2, iterations=2, batch_size=8, warmup=1)
+    with pytest.raises(ValueError, match="cannot resume: .*train_state.pt does not exist"):
+        train_testbed(config, str(tmp_path), images=images, labels=labels, progress=False, resume=True)
+    train_testbed(config, str(tmp_path), images=images, labels=labels, progress=False, checkpoint_every=1)
+    other = TrainConfig(hidden_size=32, depth=1, num_heads=2, iterations=4, batch_size=8, warmup=1, lr=1e-3)
+    with pytest.raises(ValueError, match=r"other settings lr=0.0003 \(now 0.001\)"):
+        train_testbed(other, str(tmp_path), images=images, labels=labels, progress=False, resume=True)
+    shorter = TrainConfig(hidden_size=32, depth=1, num_heads=2, iterations=1, batch_size=8, warmup=1)
+    with pytest.raises(ValueError, match="already ran 2 iterations"):
+        train_testbed(shorter, str(tmp_path), images=images, labels=labels, progress=False, resume=True)
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 0"):
+        train_testbed(config, str(tmp_path), images=images, labels=labels, progress=False, checkpoint_every=-1)
+
+
 def test_train_classifier_writes_weights_and_statistics(tmp_path):
     train = (torch.rand(64, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (64,)))
     test = (torch.rand(16, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (16,)))

@@ -75,13 +75,15 @@ class TrainConfig:
 
 
 def diffusion_loss(model: DiT, images: torch.Tensor, labels: torch.Tensor, sqrt_acp: torch.Tensor,
-                   sqrt_one_minus_acp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """MSE between the model's eps and the true noise at uniformly drawn timesteps."""
+                   sqrt_one_minus_acp: torch.Tensor, generator: torch.Generator, device=None) -> torch.Tensor:
+    """MSE between the model's eps and the true noise at uniformly drawn timesteps (drawn on the CPU
+    generator, then moved to ``device``, default the images' device)."""
     batch = images.shape[0]
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
     noise = torch.randn(images.shape, generator=generator)
     x_t = sqrt_acp[t, None, None, None] * images + sqrt_one_minus_acp[t, None, None, None] * noise
-    return F.mse_loss(model(x_t, t, labels), noise)
+    device = images.device if device is None else device
+    return F.mse_loss(model(x_t.to(device), t.to(device), labels.to(device)), noise.to(device))
 
 
 @torch.no_grad()
@@ -90,19 +92,68 @@ def _update_ema(ema: DiT, model: DiT, decay: float) -> None:
         e.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
 
-def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None, progress: bool = True) -> dict:
+STATE_NAME = "train_state.pt"
+# TrainConfig fields a resumed run may change: how long it runs. Anything else would be another run.
+RESUMABLE_CHANGES = ("iterations", "max_minutes")
+
+
+def _save_state(path, config, step, model, ema, optimizer, generator, order, cursor, losses, history, wall):
+    """Everything the loop needs to go on exactly as if it had not stopped (written atomically)."""
+    state = {"config": asdict(config), "next_step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+             "torch_rng": torch.get_rng_state(),  # the label dropout draws from the global generator
+             "order": order, "cursor": cursor, "losses": losses[-100:], "history": history, "wall_time_s": wall}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _load_state(path, config):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise InputValueError(f"cannot resume from {path}: {type(error).__name__}: {error}") from None
+    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    differing = sorted(name for name, value in asdict(config).items()
+                       if name not in RESUMABLE_CHANGES and saved.get(name) != value)
+    if differing:
+        raise InputValueError(f"cannot resume from {path}: its run had other settings "
+                              + ", ".join(f"{name}={saved.get(name)!r} (now {getattr(config, name)!r})"
+                                          for name in differing))
+    if state["next_step"] > config.iterations:
+        raise InputValueError(f"cannot resume from {path}: it already ran {state['next_step']} iterations, "
+                              f"more than iterations={config.iterations}")
+    return state
+
+
+def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None, progress: bool = True,
+                  device="cpu", resume: bool = False, checkpoint_every: int = 0) -> dict:
     """Train, write ``out_dir/testbed_dit.pt`` (EMA weights, fp16, DiT state-dict layout) and
-    ``out_dir/MODEL_CARD.json``; return the card. ``images``/``labels`` default to Fashion-MNIST train."""
+    ``out_dir/MODEL_CARD.json``; return the card. ``images``/``labels`` default to Fashion-MNIST train.
+
+    device: where the model trains (the random draws stay on the CPU generator, so a run's batches,
+    timesteps and noise do not depend on the device). checkpoint_every > 0: every that many iterations
+    (and when the run stops) ``out_dir/train_state.pt`` keeps model, EMA, optimizer, random states and
+    data order; ``resume=True`` goes on from it, exactly as an uninterrupted run would (only
+    ``iterations`` and ``max_minutes`` may differ from the saved run's config)."""
     from tqdm.auto import tqdm
 
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise InputValueError(f"cannot write to {out_dir}: not a writable folder")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise InputValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
+    device = torch.device(device)
+    state_path = os.path.join(out_dir, STATE_NAME)
+    state = None
+    if resume:
+        if not os.path.isfile(state_path):
+            raise InputValueError(f"cannot resume: {state_path} does not exist (train with checkpoint_every > 0)")
+        state = _load_state(state_path, config)
     if images is None:
         images, labels = load_fashion_mnist("train")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = config.build_model().train()
-    ema = config.build_model().eval()
+    model = config.build_model().to(device).train()
+    ema = config.build_model().to(device).eval()
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -113,10 +164,19 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
 
     n = images.shape[0]
     order = torch.randperm(n, generator=generator)
-    cursor, losses, history = 0, [], []
+    cursor, losses, history, first, wall_before = 0, [], [], 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        order, cursor, losses, history = state["order"], state["cursor"], list(state["losses"]), state["history"]
+        first, wall_before = state["next_step"], state["wall_time_s"]
     start = time.perf_counter()
-    bar = tqdm(range(config.iterations), desc="train-testbed", unit="it", disable=not progress)
-    step = 0
+    bar = tqdm(range(first, config.iterations), desc="train-testbed", unit="it", disable=not progress,
+               initial=first, total=config.iterations)
+    step = first - 1
     for step in bar:
         if cursor + config.batch_size > n:
             order, cursor = torch.randperm(n, generator=generator), 0
@@ -124,7 +184,7 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
         cursor += config.batch_size
         for group in optimizer.param_groups:  # linear warm-up, then constant (as DiT, which uses no decay)
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
-        loss = diffusion_loss(model, images[index], labels[index], sqrt_acp, sqrt_one_minus_acp, generator)
+        loss = diffusion_loss(model, images[index], labels[index], sqrt_acp, sqrt_one_minus_acp, generator, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -135,12 +195,15 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
             recent = float(np.mean(losses[-100:]))
             history.append({"iteration": step + 1, "loss": round(recent, 5)})
             bar.set_postfix(loss=f"{recent:.4f}")
-        if config.max_minutes > 0 and time.perf_counter() - start > 60 * config.max_minutes:
+        stop = config.max_minutes > 0 and time.perf_counter() - start > 60 * config.max_minutes
+        if checkpoint_every and ((step + 1) % checkpoint_every == 0 or stop or step + 1 == config.iterations):
+            _save_state(state_path, config, step + 1, model, ema, optimizer, generator, order, cursor, losses,
+                        history, wall_before + time.perf_counter() - start)
+        if stop:
             break
-    wall = time.perf_counter() - start
-
-    state = {k: v.half() for k, v in ema.state_dict().items()}
-    torch.save(state, os.path.join(out_dir, CHECKPOINT_NAME))
+    wall = wall_before + time.perf_counter() - start
+    weights = {k: v.half().cpu() for k, v in ema.state_dict().items()}
+    torch.save(weights, os.path.join(out_dir, CHECKPOINT_NAME))
     card = {
         "model": "DiT (adaLN-Zero), pixel space, epsilon prediction, learn_sigma=False",
         "data": "Fashion-MNIST train split (60,000 images, 10 classes), scaled to [-1, 1]",
@@ -151,7 +214,9 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
         "loss_history": history,
         "wall_time_s": round(wall, 1),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)},
+        "resumed_from_iteration": first if state is not None else None,
         "weights": f"{CHECKPOINT_NAME}: EMA (decay {config.ema_decay}) weights stored in fp16",
         "date": time.strftime("%Y-%m-%d"),
     }
