@@ -111,21 +111,20 @@ class BasicBlockAdapter(BlockAdapter):
     # ------------------------------------------------------------------ conditioning and gates
     def _chunks(self, block: nn.Module, c: torch.Tensor):
         """The six chunks (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) of the block,
-        computed once per block and forward (a block of two units asks twice)."""
-        memo = self.adapter._chunk_memo
+        computed once per block call (a block of two units asks twice)."""
+        memo, call = self.adapter._chunk_memo, self.adapter.call
         hit = memo.get(id(block))
-        if hit is not None and hit[0] is c:
+        if hit is not None and hit[0] is call:  # the same block call: the same conditioning
             return hit[1]
         if block.norm_type == "ada_norm_zero":
             if self.shared_embedding:
                 emb = c  # [B, C]: norm1.emb(t, y) of block 0, the same weights as this block's
             else:
-                call = self.adapter.call
                 emb = block.norm1.emb(call.timestep, call.class_labels, hidden_dtype=call.dtype)
             chunks = block.norm1.linear(block.norm1.silu(emb)).chunk(6, dim=1)  # each [B, C]
         else:  # ada_norm_single: c is the shared [B, 6C] vector
             chunks = (block.scale_shift_table[None] + c.reshape(c.shape[0], 6, -1)).chunk(6, dim=1)  # [B, 1, C]
-        memo[id(block)] = (c, chunks)
+        memo[id(block)] = (call, chunks)
         return chunks
 
     def modulation(self, unit: Unit, c) -> _Modulation:

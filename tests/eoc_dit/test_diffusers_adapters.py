@@ -249,3 +249,28 @@ def test_a_cached_fora_step_is_one_fused_segment(kind, monkeypatch):
     num_units = 4 if kind == "pixart" else 2
     assert calls == [(1, num_units, 2)] * 2  # steps 1 and 3: one pass over every unit
     assert stacked == (kind == "dit")  # one gate matmul where the gate input is shared
+
+
+@pytest.mark.parametrize("kind", ["dit", "dit-own-embeddings"])
+def test_conditioning_is_never_served_stale(kind):
+    """The embedding and the chunks are computed once per forward / block call: the same timestep tensor with
+    other labels, or changed in place, must give what the unpatched model gives."""
+    model = make(kind)
+    x, t, labels = dit_inputs()
+    calls = [(t, labels), (t, labels.flip(0))]
+
+    def outputs():
+        results = []
+        with torch.no_grad():
+            for timestep, y in calls:
+                results.append(model(x, timestep=timestep, class_labels=y).sample)
+            t.add_(-100)  # in place: a new version of the same tensor
+            results.append(model(x, timestep=t, class_labels=labels).sample)
+            t.add_(100)
+        return results
+
+    reference = outputs()
+    with apply_eoc(model, FORASchedule(1)):
+        patched = outputs()
+    for a, b in zip(reference, patched):
+        assert torch.equal(a, b)
