@@ -226,7 +226,7 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
         uncached = sampler.sample(model, *tune_batch, cfg_scale=cfg_scale, progress=progress)
         scores = {}
         for g in gains:
-            trial = Prior(prior.mean, prior.stats, prior.metadata, fits=[CoefficientFit(mask, g * fitter.coef, {})])
+            trial = Prior(prior.means, prior.stats, prior.metadata, fits=[CoefficientFit(mask, g * fitter.coef, {})])
             with apply_eoc(model, schedule, trial, EOCConfig(mode="calibrated"), adapter=adapter):
                 scores[g] = trajectory_score_db(sampler.sample(model, *tune_batch, cfg_scale=cfg_scale,
                                                                progress=progress), uncached, tune_clamp)

@@ -39,6 +39,15 @@ file and the fault:
   above only: there, a flipped bit that leaves valid values cannot be told from a real prior.
 
 ``FORMAT_VERSION`` stays 1: the checksum is an optional key that older readers ignore.
+
+**Storage choices** (``prior_storage``, docs/DESIGN.md §4.10): a fourth optional metadata string,
+``eoc_storage``, JSON ``{"means": <storage>, "statistics": true|false}``, says how the file stores its
+means (dense ``float16`` / ``bfloat16`` / ``float32``, ``fp8``, ``lowrank:R``, or ``none``) and whether
+it holds the statistics. A file without it is the original layout (a dense ``mean`` and every
+statistic), so every earlier file loads as before; ``save`` writes the key only for the other
+layouts, which a reader older than the key refuses by its strictness ("unknown safetensors metadata
+keys"). The checksum covers the key. The tensors must then be exactly those of the storage
+(``prior_storage.file_tensor_specs``), the statistics when kept, and the fits.
 """
 
 from __future__ import annotations
@@ -52,14 +61,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InputFileNotFoundError, InputValueError
+from .errors import InputFileNotFoundError, InputTypeError, InputValueError
+from .prior_storage import (
+    DENSE_DTYPES,
+    DenseMeans,
+    MeanStore,
+    decode_means,
+    encode_means,
+    file_tensor_specs,
+    parse_storage,
+    storage_keeps_statistics,
+    storage_reads_means,
+)
 
 FORMAT_VERSION = 1
 STAT_NAMES = ("energy", "err_plain", "cross_delta", "sq_delta", "cross_trend", "sq_trend", "cross_extrap")
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORAGE_DTYPES = DENSE_DTYPES  # the dense storages of ``mean``
 _META_KEY = "eoc_prior"
 _FITS_KEY = "eoc_fits"
 _CHECKSUM_KEY = "eoc_checksum"
+_STORAGE_KEY = "eoc_storage"
 _FIT_PREFIX = "fit."
 _SQUARED_STATS = ("energy", "err_plain", "sq_delta", "sq_trend")  # squared norms: never negative
 _MAX_META_CHARS = 1 << 16  # the metadata object is ~300 characters
@@ -176,19 +197,96 @@ class PriorMetadata:
 class Prior:
     """Mean branch outputs and judgment statistics of uncached runs (see the module docstring).
 
-    ``mean``: [T, L, 2, H, N, C]; ``stats``: dict of fp32 tensors named in ``STAT_NAMES``.
+    ``mean``: [T, L, 2, H, N, C] (a tensor, a ``prior_storage.MeanStore``, or None for a prior without
+    means); ``stats``: dict of fp32 tensors named in ``STAT_NAMES``, or None for a coefficient-only prior.
     Metadata is exposed as attributes: ``num_steps``, ``sampler``, ``cfg_scale``, ``num_samples``,
     ``num_holdout``, ``max_gap``, ``num_tokens``, ``width``, ``num_blocks``, ``num_halves``,
     ``trend_eps``, ``model_fingerprint``, ``format_version``.
+
+    ``term_residency`` (not stored): how ``prior_terms.PriorTerms`` keeps the D / E terms it builds on
+    the device: ``"plan"`` (for the plan's life), ``"step"`` (only the current step's; the means
+    are read slice by slice from wherever the prior lives, e.g. the CPU) or ``"auto"`` (the default:
+    as "plan" until an allocation runs out of device memory, then as "step").
     """
 
-    def __init__(self, mean: torch.Tensor, stats: dict[str, torch.Tensor], metadata: PriorMetadata,
-                 fits: list[CoefficientFit] | None = None):
-        self.mean = mean
+    TERM_RESIDENCIES = ("auto", "plan", "step")
+
+    def __init__(self, mean: torch.Tensor | MeanStore | None, stats: dict[str, torch.Tensor] | None,
+                 metadata: PriorMetadata, fits: list[CoefficientFit] | None = None):
+        if isinstance(mean, torch.Tensor):
+            mean = DenseMeans(mean)
+        if mean is not None and not isinstance(mean, MeanStore):
+            raise InputTypeError(f"mean must be a tensor, a prior_storage.MeanStore or None, got {type(mean).__name__}")
+        self.means = mean
         self.stats = stats
         self.metadata = metadata
         self.fits = list(fits or [])  # coefficients fitted in closed loop, one per schedule
+        self.term_residency = "auto"
         self._check_shapes("Prior")
+
+    # ------------------------------------------------------------------ storage
+    @property
+    def mean(self) -> torch.Tensor:
+        """The means [T, L, 2, H, N, C]: the stored tensor when dense, else dequantised in fp32 (a full
+        copy: prefer :meth:`mean_entry`). InputValueError when the prior stores none."""
+        if self.means is None:
+            raise InputValueError(f"this prior stores no means (storage {self.storage!r}): the delta and trend "
+                                  "terms need a prior with means (see 'eoc prior convert')")
+        return self.means.dense()
+
+    @property
+    def storage(self) -> str:
+        """The storage name (``prior_storage``): float16, bfloat16, float32, fp8, lowrank:R, statistics or
+        coefficients."""
+        if self.means is not None:
+            return self.means.storage
+        return "statistics" if self.stats is not None else "coefficients"
+
+    @property
+    def has_means(self) -> bool:
+        return self.means is not None
+
+    @property
+    def has_statistics(self) -> bool:
+        return self.stats is not None
+
+    def mean_entry(self, step: int, block: int, branch: int, device=None) -> torch.Tensor:
+        """A[step, block, branch] as fp32 [H, N, C] on ``device`` (default: where the prior is)."""
+        if self.means is None:
+            self.mean  # noqa: B018  (raises the error above)
+        if device is None:
+            device = next(iter(self.means.tensors().values())).device
+        return self.means.entry(step, block, branch, device)
+
+    def with_storage(self, storage: str) -> Prior:
+        """This prior in another storage (``prior_storage.parse_storage``), sharing what is unchanged.
+
+        InputValueError for an unknown storage, for means or statistics the prior does not have, and
+        for dropping the means while a fit reads them (alpha or gamma != 0)."""
+        storage = parse_storage(storage, self.num_steps)
+        if storage_reads_means(storage) and self.means is None:
+            raise InputValueError(f"cannot convert to {storage!r}: this prior stores no means "
+                                  f"(storage {self.storage!r})")
+        if storage_keeps_statistics(storage) and self.stats is None:
+            raise InputValueError(f"cannot convert to {storage!r}: this prior stores no statistics "
+                                  f"(storage {self.storage!r})")
+        if not storage_reads_means(storage):
+            for i, fit in enumerate(self.fits):
+                if bool((fit.coef[..., [0, 2]] != 0).any()):
+                    raise InputValueError(f"cannot convert to {storage!r}: fit {i} ({fit.info.get('schedule', '?')}) "
+                                          "has prior terms (alpha or gamma != 0) and reads the means")
+        if storage == self.storage:
+            means = self.means
+        elif storage_reads_means(storage):
+            source = self.means
+            dense = source.tensor if isinstance(source, DenseMeans) else source.dense()
+            means = encode_means(dense.detach().cpu().float(), storage)
+        else:
+            means = None
+        stats = self.stats if storage_keeps_statistics(storage) else None
+        converted = Prior(means, stats, self.metadata, fits=self.fits)
+        converted.term_residency = self.term_residency
+        return converted
 
     # ------------------------------------------------------------------ fitted coefficients
     def fit_for(self, mask: torch.Tensor) -> CoefficientFit | None:
@@ -219,8 +317,16 @@ class Prior:
                 f"sampler={m.sampler!r}, cfg_scale={m.cfg_scale}, samples={m.num_samples}, max_gap={m.max_gap})")
 
     def _check_shapes(self, source: str) -> None:
-        tensors = {"mean": self.mean, **self.stats}
-        for name, shape in _expected_shapes(self.metadata).items():
+        tensors = dict(self.stats or {})
+        expected = _expected_shapes(self.metadata)
+        if self.means is not None:
+            tensors["mean"] = self.means
+            expected["mean"] = tuple(expected["mean"])
+        else:
+            del expected["mean"]
+        if self.stats is None:
+            expected = {k: v for k, v in expected.items() if k == "mean"}
+        for name, shape in expected.items():
             if name not in tensors:
                 raise InputValueError(f"{source}: prior lacks the tensor {name!r}")
             if tuple(tensors[name].shape) != shape:
@@ -243,11 +349,15 @@ class Prior:
     # ------------------------------------------------------------------ correction terms and judgment
     def delta_and_trend(self, step: int, source: int, block: int, branch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """D = A[t] − A[s] and E = clamp(D / (|A[s]| + trend_eps), −1, 1), fp32 [H, N, C]."""
-        a_t = self.mean[step, block, branch].float()
-        a_s = self.mean[source, block, branch].float()
+        a_t = self.mean_entry(step, block, branch)
+        a_s = self.mean_entry(source, block, branch)
         return delta_and_trend(a_t, a_s, self.trend_eps)
 
     def _stat(self, name: str, step: int, block: int, branch: int, *gaps: int) -> float:
+        if self.stats is None:
+            raise InputValueError("this prior stores no judgment statistics (storage 'coefficients'): the offline "
+                                  "judgment of a preset mode reads them; use EOCConfig(min_gain=None) with "
+                                  "judge_threshold=0, the calibrated mode, or a prior with statistics")
         for gap in gaps:
             if not 1 <= gap <= self.max_gap:
                 raise InputValueError(f"max_gap mismatch: the schedule needs a gap of {gap} steps, "
@@ -256,6 +366,8 @@ class Prior:
         return float(self.stats[name][index])
 
     def feature_energy(self, step: int, block: int, branch: int) -> float:
+        if self.stats is None:
+            self._stat("energy", step, block, branch)  # raises: no statistics
         return float(self.stats["energy"][step, block, branch])
 
     def plain_error(self, step: int, source: int, block: int, branch: int) -> float:
@@ -284,30 +396,49 @@ class Prior:
         return plain - 2.0 * c * cross + c * c * square
 
     # ------------------------------------------------------------------ file format
-    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
+    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16, *, storage: str | None = None) -> None:
         """Write one safetensors file: ``mean`` in ``dtype`` (fp16, bf16 or fp32), fp32 statistics, the fits,
-        JSON metadata and the checksum (module docstring). A prior that ``load`` would refuse is not
+        JSON metadata and the checksum (module docstring). ``storage`` (``prior_storage``: float16,
+        bfloat16, float32, fp8, lowrank:R, statistics, coefficients) replaces ``dtype`` when given; a
+        prior already in that storage is written as it is. A prior that ``load`` would refuse is not
         written (InputValueError), e.g. a NaN in the mean, or a mean that overflows ``dtype``."""
         from safetensors.torch import save_file
 
         names = {v: k for k, v in STORAGE_DTYPES.items()}
-        if dtype not in names:
-            raise InputValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype}")
+        if storage is None:
+            if not isinstance(dtype, torch.dtype) or dtype not in names:
+                raise InputValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype}")
+            storage = names[dtype]
         path = os.fspath(path)
         source = f"prior not saved to {path}"
-        tensors = {"mean": self.mean.detach().to("cpu", dtype).contiguous()}
-        tensors.update({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.stats.items()})
+        prior = self.with_storage(storage)
+        storage = prior.storage
+        tensors = {}
+        if prior.means is not None:
+            tensors.update({k: v.detach().to("cpu").contiguous() for k, v in prior.means.tensors().items()})
+        if prior.stats is not None:
+            tensors.update({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in prior.stats.items()})
         for i, fit in enumerate(self.fits):
             tensors[f"{_FIT_PREFIX}{i}.mask"] = fit.mask.detach().to("cpu", torch.uint8).contiguous()
             tensors[f"{_FIT_PREFIX}{i}.coef"] = fit.coef.detach().to("cpu", torch.float32).contiguous()
-        if self.mean.isfinite().all() and not tensors["mean"].isfinite().all():
-            raise InputValueError(f"{source}: the mean overflows {names[dtype]} (largest |value| "
-                                  f"{float(self.mean.abs().max()):.6g}); "
-                                  "save it with dtype=torch.float32 or torch.bfloat16")
+        if storage in STORAGE_DTYPES and self.means is not None:
+            original = self.means.dense()
+            if original.isfinite().all() and not tensors["mean"].isfinite().all():
+                raise InputValueError(f"{source}: the mean overflows {storage} (largest |value| "
+                                      f"{float(original.abs().max()):.6g}); "
+                                      "save it with dtype=torch.float32 or torch.bfloat16")
         raw_meta = json.dumps(self.metadata.__dict__)
         raw_fits = json.dumps([fit.info for fit in self.fits])
-        _validate(tensors, raw_meta, _parse_fit_infos(raw_fits, source), source)
-        metadata = {_META_KEY: raw_meta, _FITS_KEY: raw_fits, _CHECKSUM_KEY: _checksum(tensors, raw_meta, raw_fits)}
+        raw_storage = None
+        if storage not in STORAGE_DTYPES or prior.stats is None:  # the original layout needs no key
+            raw_storage = json.dumps({"means": storage if prior.means is not None else "none",
+                                      "statistics": prior.stats is not None})
+        _validate(tensors, raw_meta, _parse_fit_infos(raw_fits, source), source,
+                  _parse_storage_info(raw_storage, source))
+        metadata = {_META_KEY: raw_meta, _FITS_KEY: raw_fits,
+                    _CHECKSUM_KEY: _checksum(tensors, raw_meta, raw_fits, raw_storage)}
+        if raw_storage is not None:
+            metadata[_STORAGE_KEY] = raw_storage
         save_file(tensors, path, metadata=metadata)
 
     @classmethod
@@ -342,13 +473,15 @@ class Prior:
                 raise unreadable(exc) from None
             if _META_KEY not in metadata:
                 raise InputValueError(f"{path}: safetensors file has no EOC prior metadata ({_META_KEY!r})")
-            unknown = sorted(set(metadata) - {_META_KEY, _FITS_KEY, _CHECKSUM_KEY})
+            unknown = sorted(set(metadata) - {_META_KEY, _FITS_KEY, _CHECKSUM_KEY, _STORAGE_KEY})
             if unknown:
                 raise InputValueError(f"{path}: unknown safetensors metadata keys {_short(unknown)} (a prior file has "
-                                      f"{_META_KEY!r}, {_FITS_KEY!r} and {_CHECKSUM_KEY!r})")
+                                      f"{_META_KEY!r}, {_FITS_KEY!r}, {_CHECKSUM_KEY!r} and {_STORAGE_KEY!r})")
             raw_meta, raw_fits = metadata[_META_KEY], metadata.get(_FITS_KEY, "[]")
+            raw_storage = metadata.get(_STORAGE_KEY)
             infos = _parse_fit_infos(raw_fits, path)
-            _check_names(names, len(infos), path)  # before reading: no tensor outside the format is read
+            storage_info = _parse_storage_info(raw_storage, path)
+            _check_names(names, len(infos), path, storage_info)  # before reading: no tensor outside the format is read
             try:
                 tensors = {name: handle.get_tensor(name) for name in names}
             except Exception as exc:  # noqa: BLE001
@@ -359,16 +492,17 @@ class Prior:
                     and all(c in "0123456789abcdef" for c in stored[7:])):
                 raise InputValueError(f"{path}: malformed {_CHECKSUM_KEY} {_short(stored)} "
                                       "(expected 'sha256:' and 64 hex digits)")
-            if _checksum(tensors, raw_meta, raw_fits) != stored:
+            if _checksum(tensors, raw_meta, raw_fits, raw_storage) != stored:
                 raise InputValueError(f"{path}: checksum mismatch: the file is corrupted (its metadata or tensors "
                                       f"changed after it was saved)")
-        meta, mean, stats, fits = _validate(tensors, raw_meta, infos, path)
+        meta, means, stats, fits = _validate(tensors, raw_meta, infos, path, storage_info)
         prior = cls.__new__(cls)
         try:
-            prior.mean, prior.stats = mean.to(device), {name: stats[name].to(device) for name in STAT_NAMES}
+            prior.means = None if means is None else means.to(device)
+            prior.stats = None if stats is None else {name: stats[name].to(device) for name in STAT_NAMES}
         except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
             raise InputValueError(f"{path}: cannot put the prior on device {device} ({_one_line(exc)})") from None
-        prior.metadata, prior.fits = meta, fits
+        prior.metadata, prior.fits, prior.term_residency = meta, fits, "auto"
         return prior
 
 
@@ -386,9 +520,11 @@ class CoefficientFit:
 
 
 # ---------------------------------------------------------------------- file validation
-def _checksum(tensors: dict[str, torch.Tensor], raw_meta: str, raw_fits: str) -> str:
-    """``"sha256:<hex>"`` of the two metadata strings and, in name order, each tensor's name, dtype, shape
-    and bytes (each piece length-prefixed, so no two contents hash alike by shifting a boundary)."""
+def _checksum(tensors: dict[str, torch.Tensor], raw_meta: str, raw_fits: str, raw_storage: str | None = None) -> str:
+    """``"sha256:<hex>"`` of the two metadata strings, the storage string when there is one, and, in name
+    order, each tensor's name, dtype, shape and bytes (each piece length-prefixed, so no two contents
+    hash alike by shifting a boundary). Without a storage string the digest is the one of files written
+    before storage choices existed."""
     digest = hashlib.sha256()
 
     def add(piece) -> None:
@@ -397,6 +533,8 @@ def _checksum(tensors: dict[str, torch.Tensor], raw_meta: str, raw_fits: str) ->
 
     add(raw_meta.encode("utf-8", "surrogatepass"))
     add(raw_fits.encode("utf-8", "surrogatepass"))
+    if raw_storage is not None:
+        add(raw_storage.encode("utf-8", "surrogatepass"))
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         add(json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]).encode())
@@ -450,10 +588,45 @@ def _parse_fit_infos(raw_fits: str, source: str) -> list[dict]:
     return infos
 
 
-def _check_names(names, num_fits: int, source: str) -> None:
-    """The tensors must be exactly mean, STAT_NAMES and fit.<i>.mask/coef for i < num_fits."""
+def _parse_storage_info(raw_storage: str | None, source: str) -> tuple[str | None, bool]:
+    """(means storage or None for none, statistics kept) of the ``eoc_storage`` string; no string: the
+    original layout, (None = dense of the file's dtype, True)."""
+    if raw_storage is None:
+        return ("dense", True)
+    info = _parse_json(raw_storage, "storage metadata", _MAX_META_CHARS, source)
+    if not isinstance(info, dict) or set(info) != {"means", "statistics"}:
+        raise InputValueError(f"{source}: storage metadata must be a JSON object with exactly 'means' and "
+                              f"'statistics', got {_short(info)}")
+    means, keep = info["means"], info["statistics"]
+    if not isinstance(keep, bool):
+        raise InputValueError(f"{source}: storage metadata field statistics must be true or false, got {_short(keep)}")
+    if means == "none":
+        return (None, keep)
+    try:
+        means = parse_storage(means) if isinstance(means, str) else parse_storage(means)
+    except (InputValueError, InputTypeError) as exc:
+        raise InputValueError(f"{source}: storage metadata field means: {exc}") from None
+    if not storage_reads_means(means) or means != info["means"]:
+        raise InputValueError(f"{source}: storage metadata field means must be a mean storage or 'none', "
+                              f"got {_short(info['means'])}")
+    return (means, keep)
+
+
+def _mean_names(means: str | None) -> tuple[str, ...]:
+    if means is None:
+        return ()
+    if means == "dense":
+        return ("mean",)
+    return tuple(file_tensor_specs(means, (1, 1, 2, 1, 1, 1)))
+
+
+def _check_names(names, num_fits: int, source: str, storage_info: tuple[str | None, bool] = ("dense", True)) -> None:
+    """The tensors must be exactly the storage's mean tensors (``mean`` in the original layout), STAT_NAMES
+    (when kept) and fit.<i>.mask/coef for i < num_fits."""
     names = set(names)
-    for name in ("mean",) + STAT_NAMES:
+    means, keep_stats = storage_info
+    expected = _mean_names(means) + (STAT_NAMES if keep_stats else ())
+    for name in expected:
         if name not in names:
             raise InputValueError(f"{source}: prior lacks the tensor {name!r}")
     fit_names = set()
@@ -462,14 +635,15 @@ def _check_names(names, num_fits: int, source: str) -> None:
         if not pair <= names:
             raise InputValueError(f"{source}: fitted coefficients {i} lack their mask or coef tensor")
         fit_names |= pair
-    unknown = sorted(names - {"mean", *STAT_NAMES} - fit_names)
+    unknown = sorted(names - set(expected) - fit_names)
     stray = [name for name in unknown if name.startswith(_FIT_PREFIX)]
     if stray:
         raise InputValueError(f"{source}: tensors {_short(stray)} belong to no fitted coefficients "
                               f"(the metadata lists {num_fits})")
     if unknown:
-        raise InputValueError(f"{source}: unknown tensors {_short(unknown)} (a prior holds mean, "
-                              f"{', '.join(STAT_NAMES)} and fit.<i>.mask/coef)")
+        what = ", ".join(expected) or "no mean and no statistic"
+        raise InputValueError(f"{source}: unknown tensors {_short(unknown)} (this prior holds {what} "
+                              "and fit.<i>.mask/coef)")
 
 
 def _expected_shapes(meta: PriorMetadata) -> dict[str, tuple[int, ...]]:
@@ -502,26 +676,33 @@ def _undefined_stats(name: str, T: int, G: int) -> torch.Tensor | None:
     return ((steps - gaps) < 0)[:, None, None]
 
 
-def _validate(tensors: dict, raw_meta: str, infos: list[dict], source: str):
-    """(metadata, mean, stats, fits) of a prior file's contents, or InputValueError naming ``source``."""
+def _validate(tensors: dict, raw_meta: str, infos: list[dict], source: str,
+              storage_info: tuple[str | None, bool] = ("dense", True)):
+    """(metadata, means (a MeanStore or None), stats (or None), fits) of a prior file's contents, or
+    InputValueError naming ``source``."""
     meta = PriorMetadata.from_dict(_parse_json(raw_meta, "prior metadata", _MAX_META_CHARS, source), source)
-    _check_names(tensors, len(infos), source)
+    _check_names(tensors, len(infos), source, storage_info)
+    means_storage, keep_stats = storage_info
     shapes = _expected_shapes(meta)
-    mean = tensors["mean"]
-    if mean.dtype not in STORAGE_DTYPES.values():
-        raise InputValueError(f"{source}: prior tensor 'mean' has dtype {mean.dtype}, a prior stores it as one of "
-                              f"{list(STORAGE_DTYPES)}")
-    for name in STAT_NAMES:
+    if means_storage == "dense":
+        mean = tensors["mean"]
+        if mean.dtype not in STORAGE_DTYPES.values():
+            raise InputValueError(f"{source}: prior tensor 'mean' has dtype {mean.dtype}, a prior stores it as one "
+                                  f"of {list(STORAGE_DTYPES)}")
+        means_storage = {v: k for k, v in STORAGE_DTYPES.items()}[mean.dtype]
+    if not keep_stats:
+        shapes = {"mean": shapes["mean"]}
+    for name in STAT_NAMES if keep_stats else ():
         if tensors[name].dtype != torch.float32:
             raise InputValueError(f"{source}: prior tensor {name!r} has dtype {tensors[name].dtype}, "
                                   "the statistics are float32")
     for name, shape in shapes.items():
-        if tuple(tensors[name].shape) != shape:
+        if name != "mean" and tuple(tensors[name].shape) != shape:
             raise InputValueError(f"{source}: prior tensor {name!r} has shape {list(tensors[name].shape)}, "
                                   f"the metadata says {list(shape)}")
-    _check_finite(mean, "mean", source)
-    stats = {}
-    for name in STAT_NAMES:
+    means = None if means_storage is None else decode_means(tensors, means_storage, shapes["mean"], source)
+    stats = {} if keep_stats else None
+    for name in STAT_NAMES if keep_stats else ():
         value = tensors[name]
         undefined = _undefined_stats(name, meta.num_steps, meta.max_gap)
         undefined = torch.zeros_like(value, dtype=torch.bool) if undefined is None else undefined.expand(value.shape)
@@ -561,7 +742,7 @@ def _validate(tensors: dict, raw_meta: str, infos: list[dict], source: str):
         if earlier is not None:
             raise InputValueError(f"{what} the same schedule mask as fitted coefficients {earlier}")
         fits.append(CoefficientFit(mask, coef, info))
-    return meta, mean, stats, fits
+    return meta, means, stats, fits
 
 
 def delta_and_trend(a_t: torch.Tensor, a_s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
