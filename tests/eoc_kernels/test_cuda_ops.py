@@ -15,7 +15,13 @@ clamped), both load paths (128-bit: aligned contiguous rows; scalar: strided or 
 strided output, the argument checks of a direct call, bit-exactness with the reference without judgment
 (--fmad=false), CUDA-graph capture and replay with changed coefficient, threshold and generation values, and
 offsets past 2**31 elements (slow).
+
+With EOC_CUDA_EMULATION set to a library built by benchmarks/gpu/cuda_emulation.py the same tests run the
+kernels' source emulated on the CPU (``torch.ops.eoc_emu``, CPU tensors), without a GPU; the tests that need a
+real one (CUDA graphs, kernel names, device checks, the 4.3 GB buffer) skip there.
 """
+
+import os
 
 import pytest
 import torch
@@ -35,15 +41,19 @@ def _has_cuda_kernels() -> bool:
         return False
 
 
+EMULATION = os.environ.get("EOC_CUDA_EMULATION")  # benchmarks/gpu/cuda_emulation.py
+if EMULATION:
+    torch.ops.load_library(EMULATION)
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _has_cuda_kernels(),
+    pytest.mark.skipif(not EMULATION and not _has_cuda_kernels(),
                        reason="needs a CUDA device and eoc_kernels._C built with its CUDA kernels "
                               f"(csrc/cuda_ops.cu; eoc_kernels {eoc_kernels.__version__}, torch CUDA "
                               f"{torch.version.cuda})"),
 ]
-CUDA = torch.device("cuda")
-OPS = torch.ops.eoc
+CUDA = torch.device("cpu" if EMULATION else "cuda")  # the device the kernels run on
+OPS = torch.ops.eoc_emu if EMULATION else torch.ops.eoc
+NEEDS_REAL_GPU = pytest.mark.skipif(bool(EMULATION), reason="needs a real GPU (the CPU emulation has none)")
 # (B, N, C): odd widths (scalar path: C % 8 != 0), DiT-XL/2's 1152 and the widest DiT row (vector path), one channel.
 SHAPES = [(1, 49, 123), (3, 7, 1152), (2, 33, 4096), (3, 1, 37), (1, 1, 1)]
 TERM_SETS = [(), ("delta",), ("prev", "trend"), ("delta", "prev", "trend")]
@@ -119,7 +129,7 @@ def segment_reference(x, seg, threshold):
 
 
 def assert_close(out, expected, tol):
-    assert out.dtype == expected.dtype and out.shape == expected.shape and out.is_cuda
+    assert out.dtype == expected.dtype and out.shape == expected.shape and out.device.type == CUDA.type
     assert not torch.isnan(out).any() or torch.isnan(expected).any(), "an element was left unwritten (NaN)"
     torch.testing.assert_close(out, expected, **tol)
 
@@ -283,6 +293,7 @@ def kernel_names(fn):
     return [event.key for event in prof.key_averages() if "_kernel<" in event.key]
 
 
+@NEEDS_REAL_GPU
 def test_load_path_follows_the_layout():
     """Aligned contiguous rows with C % 8 == 0 take the 128-bit path (VECTORIZED = true), others the scalar one."""
     x, attn, _ = branch_pair(68, (2, 7, 1152), torch.bfloat16, ("delta",), "float")
@@ -387,6 +398,7 @@ def test_generations_are_read_on_the_device_and_clamped(index_dtype, tolerance):
 
 # --- argument checks of a direct call -------------------------------------------------------------------
 
+@NEEDS_REAL_GPU
 def test_kernels_check_what_they_read():
     x = torch.randn(2, 3, 8, device=CUDA)
     out = torch.empty_like(x)
@@ -430,6 +442,7 @@ def test_kernels_check_what_they_read():
 
 # --- CUDA graphs ----------------------------------------------------------------------------------------
 
+@NEEDS_REAL_GPU
 def test_cuda_graph_replays_follow_tensor_values(tolerance):
     """The three ops captured in one CUDA graph (no host sync, no allocation in the ops); coefficient,
     threshold and generation tensors change between replays and the replayed outputs follow them."""
@@ -471,6 +484,7 @@ def test_cuda_graph_replays_follow_tensor_values(tolerance):
 
 # --- int64 offsets ---------------------------------------------------------------------------------------
 
+@NEEDS_REAL_GPU
 @pytest.mark.slow  # allocates and zeroes a 4.3 GB cache buffer
 def test_segment_indexes_past_2_31_elements(tolerance):
     """A stacked cache [2, S, 2, B, N, C] of more than 2**31 bf16 elements: the last block's entries in
