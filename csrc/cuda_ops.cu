@@ -61,6 +61,10 @@
 // devices, so a direct call of torch.ops.eoc.* cannot make a kernel read outside its tensors; the
 // generation is clamped into 0..G-1 in the kernel (the Python side asserts it asynchronously).
 //
+// Aliasing: ptxas reads the inputs through the read-only path (LDG.E.128.CONSTANT: const __restrict__
+// pointers of a __grid_constant__ parameter), so `out` must not overlap any input, except x itself element
+// for element (each element is read by the thread that then writes it). The Python side allocates out.
+//
 // Exactness: build with --fmad=false (setup.py, CMakeLists.txt): every product and sum is rounded as in
 // the eager reference and in its order, so outputs match the reference except where the norms' summation
 // order puts a token's score on the other side of the threshold. sqrtf and '/' are IEEE (no fast math).
