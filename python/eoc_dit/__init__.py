@@ -8,7 +8,7 @@ corrected features. The ops themselves live in ``eoc_kernels``.
 from .adapters import BlockAdapter, DiTAdapter, DiTBlockAdapter, ModelAdapter
 from .calibration import calibrate
 from .config import EOCConfig
-from .diffusion import DDIMSampler, DDPMSampler, noise_for_seed
+from .diffusion import DDIMSampler, DDPMSampler, noise_for_seed, sample_pairs
 from .fitting import fit_coefficients
 from .models import DiT, DiT_models, load_dit
 from .patching import EOCHandle, apply_eoc, remove_eoc
@@ -22,4 +22,5 @@ __all__ = [
     "DiT", "DiT_models", "load_dit", "fit_coefficients", "CoefficientFit", "EOCHandle", "apply_eoc", "remove_eoc",
     "Prior", "calibrate",
     "model_fingerprint", "noise_for_seed", "FORASchedule", "MaskSchedule",
+    "sample_pairs",
 ]

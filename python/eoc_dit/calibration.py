@@ -11,6 +11,12 @@ branch output, in two streamed passes:
    of the batch (never a whole run).
 
 The result is an in-memory fp32 :class:`~eoc_dit.prior.Prior`.
+
+Under torchrun (``group``, or an initialised default group; ``distributed``), each split's batches
+are shared among the ranks, whole and in order; every rank accumulates its slice's sums in fp64 (the mean's
+sum adds each sample's fp32 feature in fp64, exact for features within 2^29 of each other in
+magnitude), the ranks' sums are added in rank order (``distributed.ordered_sum``), and every rank
+ends with the same prior, the one a single process computes from the same batches.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .diffusion import noise_for_seed
 from .errors import InputTypeError, InputValueError
 from .patching import apply_eoc
@@ -72,7 +79,9 @@ def _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, hol
 
 
 class MeanAccumulator:
-    """Observer of pass 1: sums F[t, l, k] per batch half into an fp32 [T, L, 2, H, N, C] buffer."""
+    """Observer of pass 1: sums F[t, l, k] per batch half into an fp64 [T, L, 2, H, N, C] buffer (each
+    sample's fp32 feature added in fp64: the sum does not depend on how the samples are batched or
+    shared among ranks, up to fp64 rounding)."""
 
     def __init__(self, num_halves: int, num_steps: int, num_blocks: int, device):
         self.num_halves, self.num_steps, self.num_blocks, self.device = num_halves, num_steps, num_blocks, device
@@ -82,8 +91,8 @@ class MeanAccumulator:
         halves = feature.detach().float().view(self.num_halves, -1, *feature.shape[1:])  # [H, B, N, C]
         if self.sums is None:
             self.sums = torch.zeros(self.num_steps, self.num_blocks, 2, self.num_halves, *feature.shape[1:],
-                                    device=self.device)
-        self.sums[step, block, branch] += halves.sum(dim=1)
+                                    device=self.device, dtype=torch.float64)
+        self.sums[step, block, branch] += halves.double().sum(dim=1)
 
 
 class StatAccumulator:
@@ -150,7 +159,7 @@ class StatAccumulator:
 
 def calibrate(model: nn.Module, sampler, labels, seeds, cfg_scale: float = 1.0, max_gap: int = 4,
               holdout: float = 0.25, progress: bool = True, *, batch_size: int = 16, trend_eps: float = 1e-3,
-              device: str | torch.device | None = None, adapter=None) -> Prior:
+              device: str | torch.device | None = None, adapter=None, group=None) -> Prior:
     """Extract an EOC prior from uncached runs of ``sampler`` over every (label, seed) pair.
 
     The noise of pair (label, seed) is ``torch.randn(1, model.in_channels, model.input_size,
@@ -159,6 +168,8 @@ def calibrate(model: nn.Module, sampler, labels, seeds, cfg_scale: float = 1.0, 
     ``holdout=0`` computes both on all pairs (two passes over the same samples). ``adapter``: as in
     ``apply_eoc``, for models not laid out like ``eoc_dit.DiT``.
     Use the same sampler, step count and ``cfg_scale`` as at inference. Returns a fp32 in-memory Prior.
+    ``group``: a torch.distributed process group (default: the initialised default group, if any):
+    the pairs are shared among its ranks and every rank returns the same prior (module docstring).
     """
     labels, seeds = list(labels), list(seeds)
     _check_calibrate_args(model, sampler, labels, seeds, cfg_scale, max_gap, holdout, batch_size, trend_eps)
@@ -172,16 +183,21 @@ def calibrate(model: nn.Module, sampler, labels, seeds, cfg_scale: float = 1.0, 
     held = [pairs[i] for i in sorted(order[:num_holdout])]
     fit = [pairs[i] for i in sorted(order[num_holdout:])]
     held = held or fit
+    group = distributed.resolve_group(group)
+    what = f"batches of {batch_size} pairs"  # whole batches: each is the batch a single process samples
+    local_fit = distributed.shard(list(_batches(fit, batch_size)), group, what=what)
+    local_held = distributed.shard(list(_batches(held, batch_size)), group, what=what)
+    progress = progress and distributed.is_main(group)
     H = 2 if cfg_scale > 1 else 1
     T = sampler.num_steps
 
     handle = apply_eoc(model, FORASchedule(1), adapter=adapter)  # computes everything; observers record
     means = MeanAccumulator(H, T, handle.num_blocks, device)
-    bar = tqdm(total=len(fit) + len(held), desc="calibrate", unit="sample", disable=not progress)
+    bar = tqdm(total=sum(map(len, local_fit + local_held)), desc="calibrate", unit="sample", disable=not progress)
 
-    def run(pair_list, observer):
+    def run(batches, observer):
         handle.observer = observer
-        for batch in _batches(pair_list, batch_size):
+        for batch in batches:
             noise = torch.cat([seed_noise(model, sampler, seed) for _, seed in batch]).to(device)
             y = torch.tensor([label for label, _ in batch], device=device)
             sampler.sample(model, noise, y, cfg_scale=cfg_scale, progress=False)
@@ -189,10 +205,13 @@ def calibrate(model: nn.Module, sampler, labels, seeds, cfg_scale: float = 1.0, 
 
     try:
         with torch.no_grad():
-            run(fit, means)
-            mean = means.sums / len(fit)  # [T, L, 2, H, N, C] fp32
+            run(local_fit, means)
+            sums = distributed.ordered_sum(means.sums, group, what="calibrate: the sum of the means")
+            mean = (sums / len(fit)).float()  # [T, L, 2, H, N, C] fp32
             stats_acc = StatAccumulator(mean, max_gap, trend_eps, H)
-            run(held, stats_acc)
+            run(local_held, stats_acc)
+            stats_acc.sums = {name: distributed.ordered_sum(value, group, what=f"calibrate: the sum of {name}")
+                              for name, value in stats_acc.sums.items()}
     finally:
         handle.remove()
         bar.close()

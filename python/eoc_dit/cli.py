@@ -197,7 +197,8 @@ def cmd_calibrate(args) -> None:
         prior.add_fit(fit)
         print(f"fitted {schedule}: {fit.info['corrected_entries']} of {fit.info['reuse_entries']} "
               "reuse entries corrected")
-    prior.save(args.out, dtype=STORAGE_DTYPES[args.dtype])
+    if _is_main():  # under torchrun every rank holds the same prior; one writes it
+        prior.save(args.out, dtype=STORAGE_DTYPES[args.dtype])
     print(f"{prior} written to {args.out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -227,7 +228,8 @@ def cmd_fit(args) -> None:
         prior.add_fit(fit)
         print(f"fitted {schedule} ({', '.join(args.terms)}, gain {fit.info['gain']}): {fit.info['corrected_entries']} "
               f"of {fit.info['reuse_entries']} reuse entries corrected")
-    prior.save(args.out, storage=prior.storage)  # kept in the storage it was loaded in
+    if _is_main():
+        prior.save(args.out, storage=prior.storage)  # kept in the storage it was loaded in
     print(f"{prior} with {len(prior.fits)} fits written to {args.out}")
 
 
@@ -246,7 +248,8 @@ def cmd_prior_convert(args) -> None:
 
 def cmd_sample(args) -> None:
     from .config import EOCConfig
-    from .diffusion import noise_for_seed
+    from .diffusion import sample_pairs
+    from .distributed import gather_max
     from .patching import apply_eoc
     from .prior import Prior
 
@@ -281,16 +284,14 @@ def cmd_sample(args) -> None:
     if args.out.endswith(".png") and getattr(model, "in_channels", 1) not in (1, 3):
         raise InputValueError(f"--out {args.out}: a PNG grid needs a 1- or 3-channel model, this one has "
                          f"{model.in_channels} channels (write .npy instead)")
-    outputs = []
     start = time.perf_counter()
     with apply_eoc(model, schedule, prior=prior if config is not None else None, config=config):
-        for begin in range(0, len(pairs), args.batch_size):
-            batch = pairs[begin : begin + args.batch_size]
-            noise = torch.cat([noise_for_seed(model, seed) for _, seed in batch]).to(args.device)
-            labels = torch.tensor([label for label, _ in batch], device=args.device)
-            outputs.append(sampler.sample(model, noise, labels, cfg_scale=args.cfg_scale, progress=True).cpu())
-    elapsed = time.perf_counter() - start
-    samples = torch.cat(outputs)
+        # under torchrun: whole batches per rank, gathered in pair order (docs/DESIGN.md §4.11)
+        samples = sample_pairs(model, sampler, pairs, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
+                               device=args.device, progress=_is_main())
+    elapsed = gather_max(time.perf_counter() - start)
+    if not _is_main():
+        return
     if args.out.endswith(".npy"):
         np.save(args.out, samples.float().numpy())
     else:
@@ -387,8 +388,10 @@ def cmd_evaluate(args) -> None:
     if unknown:
         raise InputValueError(f"--modes must be among {', '.join(PRESET_MODES)}, got {unknown}")
     methods = methods_for(args.intervals, args.modes)
-    rows, samples = evaluate(methods, args.samples, args.steps, batch_size=args.batch_size, progress=True,
-                             seed_sets=args.seed_sets)
+    rows, samples = evaluate(methods, args.samples, args.steps, batch_size=args.batch_size, progress=_is_main(),
+                             seed_sets=args.seed_sets)  # under torchrun: batches shared, samples gathered
+    if not _is_main():
+        return
     seeds = ("evaluation seeds" if args.seed_sets == 1 else
              "two evaluation seed sets A / B of half the samples each, seeds 100000+ and 200000+")
     header = (f"Testbed DiT (Fashion-MNIST), DDIM-{args.steps} with CFG, {args.samples} samples ({seeds}), "
@@ -540,17 +543,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main() -> bool:
+    from .distributed import is_main
+
+    return is_main()
+
+
+DISTRIBUTED_COMMANDS = ("calibrate", "fit", "sample", "evaluate")  # run under torchrun (docs/DESIGN.md §4.11)
+
+
+def _start_ranks(args) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): start the process group (NCCL for --device cuda, each rank on
+    cuda:LOCAL_RANK; gloo otherwise); ranks other than 0 print nothing to stdout."""
+    from . import distributed
+
+    if args.command not in DISTRIBUTED_COMMANDS or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    device = getattr(args, "device", "cpu")
+    if device == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return distributed.init_from_env(args.device if hasattr(args, "device") else "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import RankFailure, shutdown
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    name = " ".join(filter(None, (args.command, getattr(args, "prior_command", None))))
+    stdout, ranks, done = sys.stdout, False, False
     try:
+        ranks = _start_ranks(args)
+        if ranks and not _is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (closed below)
         args.func(args)
+        done = True
     except InputError as exc:  # the caller's mistake: one line; anything else is a bug and keeps its traceback
-        print(f"eoc {args.command}: error: {exc}", file=sys.stderr)
+        print(f"eoc {name}: error: {exc}", file=sys.stderr)
         return 2
+    except RankFailure as exc:  # another rank failed: say so on one line, not as a bug
+        print(f"eoc {name}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        if ranks and done:  # after a failure the process exits: no collective teardown with a dead peer
+            shutdown()
     return 0
 
 

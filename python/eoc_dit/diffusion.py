@@ -402,3 +402,30 @@ def noise_for_seed(model, seed: int) -> torch.Tensor:
                                  f"got {type(model).__name__}")
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn(1, model.in_channels, model.input_size, model.input_size, generator=generator)
+
+
+def sample_pairs(model, sampler, pairs, *, cfg_scale: float = 1.0, batch_size: int = 16, device=None,
+                 progress: bool = False, group=None) -> torch.Tensor:
+    """Samples [len(pairs), C, H, W] on the CPU of (label, seed) ``pairs`` (noise ``noise_for_seed``), in
+    batches of ``batch_size`` pairs in list order.
+
+    ``group`` (docs/DESIGN.md §4.11; default: the initialised default process group, if any): the
+    batches are shared among the ranks, whole and in order, so every batch is the one a single process
+    samples (DDPM's step noise included: it is drawn per call), and every rank returns all samples
+    in pair order."""
+    from . import distributed
+
+    pairs = list(pairs)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    group = distributed.resolve_group(group)
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    batches = [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
+    local = distributed.shard(batches, group, what=f"batches of {batch_size} pairs")
+    outputs = []
+    for batch in local:
+        noise = torch.cat([noise_for_seed(model, seed) for _, seed in batch]).to(device)
+        labels = torch.tensor([label for label, _ in batch], device=device)
+        outputs.append(sampler.sample(model, noise, labels, cfg_scale=cfg_scale, progress=progress).cpu())
+    samples = torch.cat(outputs)
+    return distributed.gather_rows(samples, group, what="sample: the samples")

@@ -33,6 +33,7 @@ import time
 import torch
 from torch import nn
 
+from . import distributed
 from .calibration import seed_noise
 from .config import EOCConfig
 from .errors import InputTypeError, InputValueError
@@ -61,17 +62,24 @@ class _ClosedLoopFitter:
         self.guidance = guidance
         self.uncond_first = uncond_first  # the CFG batch is [uncond; cond] (diffusers' PixArt pipeline)
         self.coef = torch.zeros(num_steps, num_blocks, 2, 3)
+        # Sharing among ranks (distributed.py): this rank's samples, all ranks' samples, the group.
+        self.local_samples, self.total_samples, self.group = None, None, None
 
-    def _guided(self, value: torch.Tensor) -> torch.Tensor:
-        """[B, ...] -> P(value), flat."""
-        if self.guidance is None:
-            return value.flatten()
-        cond, uncond = value.chunk(2)
-        if self.uncond_first:
-            cond, uncond = uncond, cond
-        return (self.guidance * cond + (1.0 - self.guidance) * uncond).flatten()
+    def _per_sample(self, value: torch.Tensor) -> torch.Tensor:
+        """[rows, ...] -> [B, n]: P(value) of each sample, flat (without P, a sample's rows of every CFG
+        half side by side)."""
+        if self.guidance is not None:
+            cond, uncond = value.chunk(2)
+            if self.uncond_first:
+                cond, uncond = uncond, cond
+            return (self.guidance * cond + (1.0 - self.guidance) * uncond).flatten(1)
+        samples = self.local_samples or value.shape[0]
+        return value.reshape(value.shape[0] // samples, samples, -1).transpose(0, 1).reshape(samples, -1)
 
-    def _entry(self, e) -> tuple[float, float, float]:
+    def _entry_statistics(self, e) -> tuple[list[int], torch.Tensor]:
+        """(the terms used, [B, 2 + m + m²] fp64 per sample: ||P r||², ||P F*||², <P u_j, P r>, <P u_i, P u_j>).
+        Each sample's sums are dot products of its own contiguous rows, so they do not depend on the batch
+        they came in."""
         cache, truth, delta, trend, prev = e["cache"], e["truth"], e["delta"], e["trend"], e["prev"]
         batch = cache.shape[0]
         candidates = {"delta": None if delta is None else delta.double().repeat_interleave(batch // delta.shape[0], 0),
@@ -79,18 +87,30 @@ class _ClosedLoopFitter:
                       "trend": (None if trend is None
                                 else cache.double() * trend.double().repeat_interleave(batch // trend.shape[0], 0))}
         used = [TERMS.index(name) for name in self.terms if candidates[name] is not None]
-        target = self._guided((truth - cache).double())
-        plain = float(target @ target)
+        target = self._per_sample((truth - cache).double()).contiguous()
+        truth_p = self._per_sample(truth.double()).contiguous() if self.judge_threshold > 0 else None
+        u = [self._per_sample(candidates[TERMS[j]]).contiguous() for j in used]
+        rows = []
+        for b in range(target.shape[0]):
+            values = [torch.dot(target[b], target[b]),
+                      torch.dot(truth_p[b], truth_p[b]) if truth_p is not None else target.new_zeros(())]
+            values += [torch.dot(uj[b], target[b]) for uj in u]
+            values += [torch.dot(ui[b], uj[b]) for ui in u for uj in u]
+            rows.append(torch.stack(values))
+        return used, torch.stack(rows).cpu()
+
+    def _solve(self, used: list[int], sums: torch.Tensor) -> tuple[float, float, float]:
+        """The coefficients of one entry from its statistics summed over every sample."""
+        m = len(used)
+        plain, energy = float(sums[0]), float(sums[1])
         if not used or plain == 0:
             return (0.0, 0.0, 0.0)
         # Offline judgment, level 1: only where plain reuse's relative error exceeds judge_threshold.
-        if self.judge_threshold > 0 and \
-                plain / max(float(self._guided(truth.double()).pow(2).sum()), 1e-30) <= self.judge_threshold:
+        if self.judge_threshold > 0 and plain / max(energy, 1e-30) <= self.judge_threshold:
             return (0.0, 0.0, 0.0)
-        u = torch.stack([self._guided(candidates[TERMS[j]]) for j in used])  # [m, numel]
-        gram, rhs = u @ u.T, u @ target
+        rhs, gram = sums[2 : 2 + m], sums[2 + m :].reshape(m, m)
         regularised = gram + (self.ridge * gram.diagonal().mean().clamp(min=1e-30)
-                              * torch.eye(len(used), dtype=gram.dtype))
+                              * torch.eye(m, dtype=gram.dtype))
         theta = torch.linalg.solve(regularised, rhs)
         residual = plain - 2 * float(theta @ rhs) + float(theta @ gram @ theta)
         if self.min_gain is not None and (plain - residual) / plain < self.min_gain:  # ... and where it helps enough
@@ -101,10 +121,19 @@ class _ClosedLoopFitter:
         return tuple(coef)
 
     def __call__(self, step, entries) -> dict:
+        measured = [self._entry_statistics(e) for e in entries]
+        if not measured:
+            return {}
+        widths = [stats.shape[1] for _, stats in measured]
+        per_sample = torch.cat([stats for _, stats in measured], dim=1)  # [B, Σ K]
+        if self.total_samples is not None:  # every rank's samples, in pair order
+            per_sample = distributed.gather_rows(per_sample, self.group,
+                                                 what=f"fit_coefficients: the statistics of step {step}")
+        sums = per_sample.sum(dim=0).split(widths)  # in sample order, whatever the ranks
         result = {}
-        for e in entries:
+        for e, (used, _), entry_sums in zip(entries, measured, sums):
             key = (e["block"], e["branch"])
-            result[key] = self._entry(e)
+            result[key] = self._solve(used, entry_sums)
             self.coef[step][key] = torch.tensor(result[key])
         return result
 
@@ -141,12 +170,26 @@ def _check_gains(gains) -> tuple[float, ...]:
     return tuple(float(g) for g in values)
 
 
-def _batch(model, labels, seeds, device, sampler=None):
+def _batch(model, labels, seeds, device, sampler=None, group=None):
+    """(noise, labels) of this rank's share of the pairs labels × seeds (all of them in one process)."""
     pairs = [(label, seed) for label in labels for seed in seeds]
     if not pairs:
         raise InputValueError("labels and seeds must not be empty")
+    pairs = distributed.shard(pairs, group)
     noise = torch.cat([seed_noise(model, sampler, seed) for _, seed in pairs]).to(device)
     return noise, torch.tensor([label for label, _ in pairs], device=device)
+
+
+def _pooled_score(samples: torch.Tensor, uncached: torch.Tensor, clamp, total: int, group) -> float:
+    """``trajectory_score_db`` over every rank's samples: each sample's squared error summed on its own
+    (fp64 dot), the per-sample sums gathered in pair order and added in that order."""
+    if clamp is not None:
+        samples, uncached = samples.clamp(*clamp), uncached.clamp(*clamp)
+    diff = (samples.double() - uncached.double()).flatten(1).contiguous()
+    per_sample = torch.stack([torch.dot(row, row) for row in diff]).cpu()
+    per_sample = distributed.gather_rows(per_sample, group, what="fit_coefficients: the gain's scores")
+    mse = per_sample.sum() / (total * diff.shape[1])
+    return float(-10 * torch.log10(mse)) if mse > 0 else 100.0
 
 
 def trajectory_score_db(samples: torch.Tensor, uncached: torch.Tensor,
@@ -166,7 +209,7 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
                      cfg_scale: float | None = None, terms=DEFAULT_TERMS, ridge: float = 1e-3,
                      judge_threshold: float = 0.0, min_gain: float | None = 0.0, guided: bool = True,
                      gains=DEFAULT_GAINS, tune_seeds=None, tune_clamp: tuple[float, float] | None = None,
-                     progress: bool = True, adapter=None) -> CoefficientFit:
+                     progress: bool = True, adapter=None, group=None) -> CoefficientFit:
     """Fit (α, β, γ) per reuse entry of ``schedule`` in closed loop on the (label, seed) pairs, sampled
     as ONE batch (noise as in ``calibrate``). ``prior`` gives D and E and fixes the step count and CFG;
     use calibration seeds disjoint from evaluation seeds.
@@ -177,6 +220,11 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     samples are closest to the uncached ones (``trajectory_score_db``) is kept. ``tune_seeds``
     defaults to ``seeds``; seeds disjoint from the fitting seeds keep the choice honest.
     ``tune_clamp`` (low, high): judge the samples clipped to this range (pixel-space models).
+
+    group: a torch.distributed process group (default: the initialised default group, if any): the
+    pairs are shared among its ranks, each step's least-squares statistics are gathered per sample
+    in pair order and summed in that order, and every rank returns the same fit, the one a single
+    process computes (``distributed``).
 
     Returns a fit; ``prior.add_fit(fit)`` keeps it (and ``prior.save`` stores it) for
     ``EOCConfig(mode="calibrated")`` (the default of ``apply_eoc`` when a prior is given).
@@ -206,14 +254,19 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
                               f"the sampler runs {sampler.num_steps}")
     cfg_scale = prior.cfg_scale if cfg_scale is None else cfg_scale
     device = next(model.parameters()).device
-    noise, y = _batch(model, labels, seeds, device, sampler)
-    tune_batch = (_batch(model, labels, seeds if tune_seeds is None else tune_seeds, device, sampler)
-                  if len(gains) > 1 else None)
+    group = distributed.resolve_group(group)
+    progress = progress and distributed.is_main(group)
+    labels, seeds = list(labels), list(seeds)
+    tune_seeds = seeds if tune_seeds is None else list(tune_seeds)
+    total, tune_total = len(labels) * len(seeds), len(labels) * len(tune_seeds)
+    noise, y = _batch(model, labels, seeds, device, sampler, group)
+    tune_batch = _batch(model, labels, tune_seeds, device, sampler, group) if len(gains) > 1 else None
     adapter = adapter if adapter is not None else default_adapter(model)
     num_blocks = len(adapter.blocks(model))
     guidance = float(cfg_scale) if guided and cfg_scale > 1.0 else None
     fitter = _ClosedLoopFitter(prior.num_steps, num_blocks, terms, float(ridge), judge_threshold, min_gain, guidance,
                                uncond_first=bool(getattr(sampler, "uncond_first", False)))
+    fitter.local_samples, fitter.total_samples, fitter.group = int(noise.shape[0]), total, group
     start = time.perf_counter()
     handle = EOCHandle(model, schedule, prior, None, adapter=adapter, strategy=ClosedLoopFitting(fitter))
     try:
@@ -228,17 +281,17 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
         for g in gains:
             trial = Prior(prior.means, prior.stats, prior.metadata, fits=[CoefficientFit(mask, g * fitter.coef, {})])
             with apply_eoc(model, schedule, trial, EOCConfig(mode="calibrated"), adapter=adapter):
-                scores[g] = trajectory_score_db(sampler.sample(model, *tune_batch, cfg_scale=cfg_scale,
-                                                               progress=progress), uncached, tune_clamp)
+                scores[g] = _pooled_score(sampler.sample(model, *tune_batch, cfg_scale=cfg_scale, progress=progress),
+                                          uncached, tune_clamp, tune_total, group)
         gain = max(scores, key=scores.get)
     coef = gain * fitter.coef
     info = {"schedule": repr(schedule), "terms": list(terms), "ridge": ridge, "judge_threshold": judge_threshold,
-            "min_gain": min_gain, "guidance": guidance, "num_samples": int(noise.shape[0]), "cfg_scale": cfg_scale,
+            "min_gain": min_gain, "guidance": guidance, "num_samples": total, "cfg_scale": cfg_scale,
             "target": "uncached forward",
             "gain": gain, "corrected_entries": int((coef != 0).any(-1).sum()), "reuse_entries": int((~mask).sum()),
             "wall_time_s": round(time.perf_counter() - start, 2)}
     if scores is not None:
-        info["tune_samples"] = int(tune_batch[0].shape[0])
+        info["tune_samples"] = tune_total
         info["tune_clamp"] = None if tune_clamp is None else [float(v) for v in tune_clamp]
         info["tune_score_db"] = {str(g): s for g, s in scores.items()}
     return CoefficientFit(mask, coef, info)

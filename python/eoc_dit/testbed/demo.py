@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import testbed  # the package of this module: its shipped model, prior and metrics
+from .. import distributed, testbed  # testbed: the package of this module (shipped model, prior, metrics)
 from ..config import EOCConfig
 from ..diffusion import DDIMSampler, noise_for_seed
 from ..errors import InputValueError
@@ -72,8 +72,12 @@ def methods_for(intervals, modes) -> list[Method]:
 
 
 def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch_size: int = 500,
-             progress: bool = True, seed_sets: int = 1) -> tuple[list[ResultRow], dict[str, torch.Tensor]]:
+             progress: bool = True, seed_sets: int = 1, group=None) -> tuple[list[ResultRow], dict[str, torch.Tensor]]:
     """Sample the same evaluation noise with every method (the first must be uncached); metrics vs it.
+
+    group (docs/DESIGN.md §4.11; default: the initialised default process group, if any): the batches
+    are shared among the ranks, whole and in order, the samples gathered in order, so every rank
+    computes the metrics of a single process; a method's time is the slowest rank's.
 
     seed_sets: 1 or 2 — with 2 the samples are split evenly between the seed sets starting at
     ``EVAL_SEED_BASE`` and ``EVAL_SEED_BASE_2``, and PSNR / FD to uncached are also given per set.
@@ -95,11 +99,13 @@ def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch
     noise, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     sets = [slice(0, sizes[0]), slice(sizes[0], num_samples)] if seed_sets == 2 else []
     samples, seconds = {}, {}
+    group = distributed.resolve_group(group)
+    starts = distributed.shard(list(range(0, num_samples, batch_size)), group, what=f"batches of {batch_size} samples")
     for method in methods:
         schedule = FORASchedule(method.interval) if method.interval else None
         config = EOCConfig(mode=method.mode) if method.mode else None
         outputs, start = [], time.perf_counter()
-        for begin in range(0, num_samples, batch_size):
+        for begin in starts:
             batch = slice(begin, begin + batch_size)
             if schedule is None:
                 outputs.append(sampler.sample(model, noise[batch], labels[batch], cfg_scale=prior.cfg_scale,
@@ -108,7 +114,8 @@ def evaluate(methods: list[Method], num_samples: int, num_steps: int = 20, batch
                 with apply_eoc(model, schedule, prior if config is not None else None, config):
                     outputs.append(sampler.sample(model, noise[batch], labels[batch], cfg_scale=prior.cfg_scale,
                                                   progress=progress))
-        seconds[method.name], samples[method.name] = time.perf_counter() - start, torch.cat(outputs)
+        seconds[method.name] = distributed.gather_max(time.perf_counter() - start, group)
+        samples[method.name] = distributed.gather_rows(torch.cat(outputs), group, what="evaluate: the samples")
     reference = samples[methods[0].name]
     rows = []
     for method in methods:
