@@ -135,7 +135,12 @@ def _load_model(args):
 def _make_sampler(args):
     from .diffusion import DDIMSampler, DDPMSampler
 
-    return (DDIMSampler if args.sampler == "ddim" else DDPMSampler)(args.steps)
+    channels = getattr(args, "cfg_channels", None)  # eoc sample's DiT-compatibility options
+    if getattr(args, "dit_noise_order", False):
+        if args.sampler != "ddpm":
+            raise InputValueError("--dit-noise-order is a DDPM option (DDIM draws no step noise)")
+        return DDPMSampler(args.steps, cfg_channels=channels, dit_noise_order=True)
+    return (DDIMSampler if args.sampler == "ddim" else DDPMSampler)(args.steps, cfg_channels=channels)
 
 
 def _parse_schedule(text: str):
@@ -476,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: calibrated with --prior, none without)")
     p.add_argument("--theta", type=float, default=None, help="the preset's coefficient (default: the preset's)")
     p.add_argument("--prior", default=None, help="prior file from 'eoc calibrate' (trend and delta need one)")
+    p.add_argument("--cfg-channels", type=int, default=None, metavar="K",
+                   help="guide only the first K eps channels, the others from the conditional half: 3 reproduces "
+                        "the original DiT release's forward_with_cfg on 4-channel latents (default: all channels)")
+    p.add_argument("--dit-noise-order", action="store_true",
+                   help="DDPM with CFG: draw each step's noise for the doubled batch and keep the first half, as "
+                        "the original DiT's p_sample")
     p.add_argument("--out", required=True, help="output: .npy (all samples) or .png (grid; 1- or 3-channel models)")
     p.set_defaults(func=cmd_sample)
 

@@ -213,8 +213,12 @@ def _null_label(model) -> int:
     return int(num_classes)
 
 
-def _model_eps(model, x, timestep: int, labels, cfg_scale: float, null_label: int | None):
-    """Run the model once; return (eps [B, C, H, W], variance values [B, C, H, W] or None)."""
+def _model_eps(model, x, timestep: int, labels, cfg_scale: float, null_label: int | None,
+               cfg_channels: int | None = None):
+    """Run the model once; return (eps [B, C, H, W], variance values [B, C, H, W] or None).
+
+    ``cfg_channels`` k: guide only eps channels [0, k) and take the others from the conditional half,
+    as the original DiT's ``forward_with_cfg`` does with k = 3 (None: every channel)."""
     batch, channels = x.shape[:2]
     use_cfg = null_label is not None
     if use_cfg:
@@ -240,7 +244,12 @@ def _model_eps(model, x, timestep: int, labels, cfg_scale: float, null_label: in
     var_values = out[:batch, channels:] if out.shape[1] == 2 * channels else None
     if use_cfg:
         cond_eps, uncond_eps = eps[:batch], eps[batch:]
-        eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        if cfg_channels is None or cfg_channels >= channels:
+            eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        else:  # DiT's forward_with_cfg: [guided eps[:, :k]; the conditional half's eps[:, k:]]
+            k = cfg_channels
+            guided = uncond_eps[:, :k] + cfg_scale * (cond_eps[:, :k] - uncond_eps[:, :k])
+            eps = torch.cat([guided, cond_eps[:, k:]], dim=1)
     if var_values is not None:
         var_values = var_values.to(x.dtype)
     return eps.to(x.dtype), var_values
@@ -291,15 +300,23 @@ def _check_inputs(model, noise, labels, cfg_scale, generator) -> float:
 class _Sampler:
     name = ""
 
-    def __init__(self, num_steps: int, *, clip_denoised: bool = False) -> None:
+    def __init__(self, num_steps: int, *, clip_denoised: bool = False, cfg_channels: int | None = None) -> None:
+        """``cfg_channels``: None guides every eps channel; k guides channels [0, k) only and keeps the
+        conditional eps elsewhere — k = 3 reproduces the original DiT release's ``forward_with_cfg`` on its
+        4-channel latents (kept there for its published FIDs; docs/DESIGN.md §4.2)."""
         self.num_steps = _check_num_steps(num_steps)
         self.clip_denoised = bool(clip_denoised)
+        if cfg_channels is not None and (isinstance(cfg_channels, bool)
+                                         or not isinstance(cfg_channels, numbers.Integral) or cfg_channels < 1):
+            raise InputValueError(f"cfg_channels must be None or an int >= 1, got {cfg_channels!r}")
+        self.cfg_channels = None if cfg_channels is None else int(cfg_channels)
         self.schedule = DiffusionSchedule.respaced(self.num_steps)
         # Original timesteps in sampling order, high to low.
         self.timesteps: list[int] = list(reversed(self.schedule.timestep_map))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_steps={self.num_steps}, clip_denoised={self.clip_denoised})"
+        extra = "" if self.cfg_channels is None else f", cfg_channels={self.cfg_channels}"
+        return f"{type(self).__name__}(num_steps={self.num_steps}, clip_denoised={self.clip_denoised}{extra})"
 
     @torch.no_grad()
     def sample(
@@ -327,7 +344,8 @@ class _Sampler:
         for step in tqdm(range(self.num_steps), desc=self.name, unit="step", disable=not progress):
             index = self.num_steps - 1 - step  # respaced index, counts down to 0
             announce_step(model, step=step, num_steps=self.num_steps, cfg=cfg_scale > 1.0)
-            eps, var_values = _model_eps(model, x, self.schedule.timestep_map[index], labels, cfg_scale, null_label)
+            eps, var_values = _model_eps(model, x, self.schedule.timestep_map[index], labels, cfg_scale, null_label,
+                                         self.cfg_channels)
             x = self._step(x, eps, var_values, tables, index, generator)
         return x
 
@@ -368,6 +386,22 @@ class DDPMSampler(_Sampler):
 
     name = "ddpm"
 
+    def __init__(self, num_steps: int, *, clip_denoised: bool = False, cfg_channels: int | None = None,
+                 dit_noise_order: bool = False) -> None:
+        """``dit_noise_order``: with CFG, draw each step's noise for the doubled batch [2B, C, H, W] and use its
+        first B rows, as the original DiT's ``p_sample`` does on its [x; x] batch (``th.randn_like(x)``); with
+        ``cfg_channels=3`` and a generator in the state of the original's global RNG after its initial noise
+        this reproduces the original's DDPM samples."""
+        super().__init__(num_steps, clip_denoised=clip_denoised, cfg_channels=cfg_channels)
+        self.dit_noise_order = bool(dit_noise_order)
+        self._doubled = False
+
+    def sample(self, model, noise, labels, cfg_scale=1.0, progress=False, generator=None):
+        self._doubled = self.dit_noise_order and isinstance(cfg_scale, (int, float)) and cfg_scale > 1.0
+        return super().sample(model, noise, labels, cfg_scale=cfg_scale, progress=progress, generator=generator)
+
+    sample.__doc__ = _Sampler.sample.__doc__
+
     def _prepare_generator(self, generator, noise):
         if generator is None:
             return torch.Generator(device=noise.device).manual_seed(0)
@@ -385,7 +419,11 @@ class DDPMSampler(_Sampler):
             log_variance = min_log
         else:
             log_variance = learned_range_log_variance(var_values, min_log, tables["log_betas"][index])
-        step_noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if self._doubled:  # the original's order: noise for [2B], the conditional half's rows kept
+            step_noise = torch.randn((2 * x.shape[0], *x.shape[1:]), generator=generator, device=x.device,
+                                     dtype=x.dtype)[: x.shape[0]]
+        else:
+            step_noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return mean + torch.exp(0.5 * log_variance) * step_noise
 
 
