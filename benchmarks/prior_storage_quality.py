@@ -47,6 +47,12 @@ def main(argv=None) -> int:
     parser.add_argument("--storages", nargs="+", default=list(STORAGES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    here = os.path.dirname(os.path.abspath(__file__))  # the commit the run starts from (its code is loaded now)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=here).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "python", "benchmarks/prior_storage_quality.py"],
+                           capture_output=True, text=True, cwd=os.path.join(here, "..")).stdout.strip()
+    commit += "+dirty" if dirty else ""
     model, shipped, sampler = testbed.load_model(), testbed.load_prior(20), DDIMSampler(20)
     noise, labels = demo_batch(model, args.samples, EVAL_SEED_BASE)
     started = time.perf_counter()
@@ -82,8 +88,6 @@ def main(argv=None) -> int:
         with torch.no_grad(), apply_eoc(model, schedule):
             plain = sampler.sample(model, noise, labels, cfg_scale=shipped.cfg_scale, progress=False)
         rows.append((interval, "none (plain FORA)", "—", pooled_psnr(plain, uncached), math.nan, math.nan))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     header = (f"Commit {commit}, {datetime.date.today().isoformat()}, CPU ({platform.machine()}, "
               f"{torch.get_num_threads()} threads), torch {torch.__version__}; "
               f"`benchmarks/prior_storage_quality.py --samples {args.samples}`, "
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
               "(calibration and fits used seeds 0-39), labels cycling 0-9. Pooled PSNR vs uncached: "
               "10·log10(4 / MSE), MSE pooled over all pixels of all images, images clamped to [-1, 1]. "
               "max abs diff vs fp16: the largest difference of the samples to the same method with the shipped "
-              "fp16 prior (unclamped).")
+              "fp16 prior (unclamped). Times: wall seconds on a shared, loaded machine, not a speed figure.")
     lines = ["| FORA N | mode | storage | pooled PSNR dB | max abs diff vs fp16 | time s |",
              "|---|---|---|---|---|---|"]
     for interval, mode, storage, psnr, diff, seconds in rows:
