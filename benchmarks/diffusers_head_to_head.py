@@ -139,6 +139,7 @@ def main(argv=None) -> None:
     from eoc_dit.diffusers_pipeline import PipelineSampler
 
     start_all = time.perf_counter()
+    env = environment("cpu", threads=args.threads)  # the commit the run starts from
     transformer = dit_to_diffusers(testbed.load_model(), num_embeds_ada_norm=1000)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                               clip_sample=False)
@@ -262,7 +263,6 @@ def main(argv=None) -> None:
         registry.invalidate_child_registries_cache()
         record("diffusers MagCache", f"threshold={threshold}", images, seconds, full)
 
-    env = environment("cpu", threads=args.threads)
     import diffusers
 
     env["diffusers"] = diffusers.__version__
