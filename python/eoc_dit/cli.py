@@ -259,8 +259,8 @@ def cmd_sample(args) -> None:
     from .prior import Prior
 
     _check_writable(args.out)
-    if not args.out.endswith((".npy", ".png")):
-        raise InputValueError(f"--out must end with .npy or .png, got {args.out!r}")
+    if not args.out.endswith((".npy", ".png", ".npz")):
+        raise InputValueError(f"--out must end with .npy or .png, or .npz (ADM evaluator layout), got {args.out!r}")
     if args.batch_size < 1:
         raise InputValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # Everything that can be checked without running the model fails here, before any progress bar.
@@ -289,6 +289,8 @@ def cmd_sample(args) -> None:
     if args.out.endswith(".png") and getattr(model, "in_channels", 1) not in (1, 3):
         raise InputValueError(f"--out {args.out}: a PNG grid needs a 1- or 3-channel model, this one has "
                          f"{model.in_channels} channels (write .npy instead)")
+    if args.out.endswith(".npz"):
+        return _sample_npz(args, model, sampler, pairs, schedule, mode, prior, config)
     start = time.perf_counter()
     with apply_eoc(model, schedule, prior=prior if config is not None else None, config=config):
         # under torchrun: whole batches per rank, gathered in pair order (docs/DESIGN.md §4.11)
@@ -305,6 +307,30 @@ def cmd_sample(args) -> None:
         write_png(args.out, image_grid(samples))
     level = schedule.caching_level_for(args.steps, len(list(model.blocks)))
     print(f"{len(pairs)} samples ({schedule}, caching level {level:.2f}, EOC {mode}) in {elapsed:.2f} s -> {args.out}")
+
+
+def _sample_npz(args, model, sampler, pairs, schedule, mode, prior, config) -> None:
+    """--out X.npz: parts per batch in X.npz.parts (resumable), merged into the ADM layout (sample_files.py)."""
+    from .distributed import gather_max
+    from .patching import apply_eoc
+    from .sample_files import parts_folder, sample_npz
+
+    if getattr(model, "in_channels", 3) not in (1, 3):
+        raise InputValueError(f"--out {args.out}: the ADM .npz holds images, this model has {model.in_channels} "
+                              "channels (latents: decode them first, or write .npy)")
+    manifest = {name: getattr(args, name, None) for name in (
+        "checkpoint", "model", "input_size", "in_channels", "num_classes", "init_seed", "sampler", "steps",
+        "cfg_scale", "schedule", "mode", "theta", "cfg_channels", "dit_noise_order")}
+    manifest["mode"] = mode
+    if args.prior:
+        manifest["prior"] = [os.path.abspath(args.prior), os.path.getsize(args.prior)]
+    start = time.perf_counter()
+    with apply_eoc(model, schedule, prior=prior if config is not None else None, config=config):
+        sampled, kept = sample_npz(model, sampler, pairs, args.out, manifest, cfg_scale=args.cfg_scale,
+                                   batch_size=args.batch_size, device=args.device, progress=_is_main())
+    elapsed = gather_max(time.perf_counter() - start)
+    print(f"{len(pairs)} samples ({schedule}, EOC {mode}): {kept} batches kept from an earlier run, the others "
+          f"sampled in {elapsed:.2f} s -> {args.out} (arr_0 uint8 [N, H, W, C]; parts in {parts_folder(args.out)})")
 
 
 def cmd_train_testbed(args) -> None:
@@ -487,7 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-noise-order", action="store_true",
                    help="DDPM with CFG: draw each step's noise for the doubled batch and keep the first half, as "
                         "the original DiT's p_sample")
-    p.add_argument("--out", required=True, help="output: .npy (all samples) or .png (grid; 1- or 3-channel models)")
+    p.add_argument("--out", required=True,
+                   help="output: .npy (all samples), .png (grid) or .npz (the ADM FID evaluator's layout, arr_0 "
+                        "uint8 [N, H, W, C], written from per-batch parts in OUT.parts: a rerun resumes); "
+                        ".png and .npz need a 1- or 3-channel model")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="the main job: uncached vs FORA vs FORA + EOC on the shipped testbed DiT",

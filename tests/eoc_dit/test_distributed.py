@@ -149,13 +149,15 @@ def test_eoc_sample_under_torchrun_writes_the_single_process_samples(tmp_path):
     import numpy as np
 
     from eoc_dit.cli import main
+    from eoc_dit.sample_files import parts_folder, to_uint8_images
 
     common = ["sample", "--model", "DiT-S/8", "--input-size", "16", "--in-channels", "1", "--num-classes", "4",
               "--steps", "3", "--cfg-scale", "2", "--labels", "0-2", "--seeds", "1-3", "--batch-size", "2",
               "--schedule", "fora:2", "--mode", "extrapolate"]
     env = dict(os.environ, OMP_NUM_THREADS="1", EOC_DIST_TIMEOUT_S="60")
+    two = tmp_path / "two.npz"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "eoc_dit.cli", *common, "--out", os.fspath(tmp_path / "two.npy")],
+                           "-m", "eoc_dit.cli", *common, "--out", os.fspath(two)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("9 samples") == 1  # rank 0 alone prints
@@ -163,7 +165,15 @@ def test_eoc_sample_under_torchrun_writes_the_single_process_samples(tmp_path):
     torch.set_num_threads(1)
     try:
         assert main([*common, "--out", os.fspath(tmp_path / "one.npy")]) == 0
+        merged = np.load(two)["arr_0"]
+        one = np.load(tmp_path / "one.npy")
+        assert one.shape == (9, 1, 16, 16) and np.array_equal(merged, to_uint8_images(torch.from_numpy(one)))
+        # resume in one process what 2 ranks began: the same array
+        folder = parts_folder(os.fspath(two))
+        for name in sorted(n for n in os.listdir(folder) if n.startswith("batch-"))[::2]:
+            os.remove(os.path.join(folder, name))
+        os.remove(two)
+        assert main([*common, "--out", os.fspath(two)]) == 0
+        assert np.array_equal(np.load(two)["arr_0"], merged)
     finally:
         torch.set_num_threads(threads)
-    one, two = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
-    assert one.shape == (9, 1, 16, 16) and np.array_equal(one, two)
