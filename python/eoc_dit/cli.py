@@ -188,6 +188,10 @@ def cmd_calibrate(args) -> None:
     from .prior import STORAGE_DTYPES
 
     _check_writable(args.out)
+    if args.storage is not None:
+        from .prior_storage import parse_storage
+
+        args.storage = parse_storage(args.storage, args.steps)  # a typo fails before the long run
     labels, seeds = _int_list(args.labels, "--labels"), _seed_list(args.seeds, "--seeds")  # before the model loads
     model = _load_model(args)
     sampler = _make_sampler(args)
@@ -203,7 +207,7 @@ def cmd_calibrate(args) -> None:
         print(f"fitted {schedule}: {fit.info['corrected_entries']} of {fit.info['reuse_entries']} "
               "reuse entries corrected")
     if _is_main():  # under torchrun every rank holds the same prior; one writes it
-        prior.save(args.out, dtype=STORAGE_DTYPES[args.dtype])
+        prior.save(args.out, dtype=STORAGE_DTYPES[args.dtype], storage=args.storage)
     print(f"{prior} written to {args.out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -450,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of pairs kept for the judgment statistics")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="storage dtype of the mean")
+    p.add_argument("--storage", default=None,
+                   help="store the prior as fp8, lowrank:R, statistics or coefficients instead (docs/DESIGN.md "
+                        "§4.10; replaces --dtype; 'eoc prior convert' does it later)")
     p.add_argument("--fit", nargs="*", default=[], metavar="SCHEDULE",
                    help="also fit the calibrated mode's coefficients, in closed loop on the same pairs, for "
                         "each schedule (e.g. fora:3 fora:4); they are stored in the prior")

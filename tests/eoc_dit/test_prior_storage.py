@@ -250,3 +250,13 @@ def test_cli_prior_convert(fitted, tmp_path, capsys):
     assert "storage must be one of" in capsys.readouterr().err
     assert main(["prior", "convert", os.fspath(tmp_path / "none"), os.fspath(out), "--storage", "fp8"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_calibrate_storage(tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    args = ["calibrate", "--model", "DiT-S/8", "--input-size", "16", "--in-channels", "1", "--num-classes", "4",
+            "--steps", "3", "--labels", "0-1", "--seeds", "1-2", "--max-gap", "1", "--out", os.fspath(out)]
+    assert main([*args, "--storage", "bf16"]) == 0
+    assert Prior.load(out).storage == "bfloat16"
+    assert main([*args, "--storage", "lowrank:4"]) == 2  # rank above T = 3, refused before sampling
+    assert "[1, 3]" in capsys.readouterr().err
