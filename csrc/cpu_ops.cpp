@@ -24,6 +24,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -176,40 +178,12 @@ void run(const Rows<T>& x, const OutRows<T>& out, const std::vector<Entry<T>>& e
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-std::string sizes_of(const Tensor& t) {
-  std::string out = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
-  return out + "]";
-}
-
-void check_feature(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
-              " (the dtype of x), got ", t.scalar_type());
-}
-
-// t must have sizes lead + [rows, N, C] where rows == B, or (per_head) divides B.
-void check_rows(const char* op, const char* name, const Tensor& t, const Tensor& x, std::vector<int64_t> lead,
-                bool per_head) {
-  check_feature(op, name, t, x);
-  const int64_t rank = static_cast<int64_t>(lead.size()) + 3;
-  bool ok = t.dim() == rank;
-  for (size_t d = 0; ok && d < lead.size(); ++d) ok = t.size(static_cast<int64_t>(d)) == lead[d];
-  if (ok) {
-    const int64_t rows = t.size(rank - 3), batch = x.size(0);
-    ok = t.size(rank - 2) == x.size(1) && t.size(rank - 1) == x.size(2) &&
-         (per_head ? rows > 0 && batch % rows == 0 : rows == batch);
-  }
-  TORCH_CHECK(ok, op, ": ", name, " has shape ", sizes_of(t), ", which does not fit x of shape ", sizes_of(x));
-}
+using eoc_checks::check_feature;
+using eoc_checks::check_rows;
+using eoc_checks::sizes_of;
 
 void check_x_out(const char* op, const Tensor& x, const Tensor& out) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              op, ": x must have dtype float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 3, op, ": x must have shape [B, N, C], got ", sizes_of(x));
-  check_feature(op, "out", out, x);
-  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", sizes_of(x), ", got ", sizes_of(out));
+  eoc_checks::check_x_out(op, x, out, c10::DeviceType::CPU);
 }
 
 // A float32 CPU tensor of `numel` elements (coefficients, threshold).
