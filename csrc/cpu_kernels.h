@@ -18,8 +18,8 @@
 // batch row b, whose fp32 accumulators (TILE · C floats, about 64 KiB) stay in L2. For a tile it
 // loads x once; then, entry by entry, it reads that entry's rows of every operand once (a few long
 // sequential streams at a time, which the hardware prefetchers follow), taking runs of up to four
-// consecutive entries with the same terms and no judgment in one pass over each row (add_entry_group:
-// the running sum stays in a register instead of going to the L2-resident tile and back per entry);
+// consecutive plain-reuse entries in one pass over each row (add_plain_group: the running sum stays in
+// a register instead of going to the L2-resident tile and back per entry);
 // finally it rounds and writes the output once. The gate rows of b are converted to fp32 once per thread and b. The per-token
 // norms need the whole row before the judgment: with threshold > 0 the first pass over a row keeps Cc
 // and F̂ in two per-thread fp32 row buffers and the second adds gate ⊙ (Cc or F̂) from them; with
@@ -32,7 +32,7 @@
 // Independent partial sums of the squared norms: lanes the compiler maps to SIMD registers (no
 // reassociation of one serial sum is needed, so no -ffast-math).
 constexpr int64_t kNormLanes = 16;
-// Most consecutive entries one pass over a row takes (add_entry_group).
+// Most consecutive plain-reuse entries one pass over a row takes (add_plain_group).
 constexpr int kEntryGroup = 4;
 // Target fp32 accumulator values per tile (TILE = max(1, kTileFloats / C) rows): 64 KiB, in L2. Longer
 // runs per operand than a 16 KiB tile: measured up to 1.3x faster at N = 256, C = 384, S = 12 (24 entries);
@@ -106,71 +106,31 @@ void add_entry_row(float* __restrict acc, const float* __restrict gate, const S*
   }
 }
 
-// One pass over a token row for GROUP consecutive entries with the same flags, none judged (plain reuse,
-// or threshold <= 0): acc[0:C] += gate_0 ⊙ F̂_0, then += gate_1 ⊙ F̂_1, ... — the same products and sums
-// in the same order as GROUP calls of add_entry_row (bit for bit), with the running sum kept in a
-// register between entries instead of a store and a reload of acc per entry. acc (a tile of rows,
-// about 64 KiB) lives in L2: one round trip per entry bounded the loop (measured 2x on plain reuse).
-struct GroupRows {
-  const void* cache[kEntryGroup];
-  const void* prev[kEntryGroup];
-  const void* delta[kEntryGroup];
-  const void* trend[kEntryGroup];
-  const float* gate[kEntryGroup];
-  float alpha[kEntryGroup], beta[kEntryGroup], gamma[kEntryGroup];
-};
-
-template <int GROUP, int FLAGS, typename S>
-void add_entry_group(float* __restrict acc, const GroupRows& g, int64_t channels) {
-  static_assert(GROUP >= 1 && GROUP <= kEntryGroup);
-  const S* cache[GROUP];
-  const S* prev[GROUP];
-  const S* delta[GROUP];
-  const S* trend[GROUP];
-  const float* gate[GROUP];
-  float alpha[GROUP], beta[GROUP], gamma[GROUP];
-  for (int j = 0; j < GROUP; ++j) {
-    cache[j] = static_cast<const S*>(g.cache[j]);
-    prev[j] = static_cast<const S*>(g.prev[j]);
-    delta[j] = static_cast<const S*>(g.delta[j]);
-    trend[j] = static_cast<const S*>(g.trend[j]);
-    gate[j] = g.gate[j];
-    alpha[j] = g.alpha[j];
-    beta[j] = g.beta[j];
-    gamma[j] = g.gamma[j];
-  }
+// One pass over a token row for GROUP (2..4) consecutive plain-reuse entries (F̂ = Cc):
+// acc[0:C] += gate_0 ⊙ Cc_0, then += gate_1 ⊙ Cc_1, ... — the same products and sums in the same order as
+// GROUP calls of add_entry_row<0> (bit for bit), with the running sum kept in a register between
+// entries instead of a store and a reload of acc per entry. acc (a tile of rows, about 64 KiB) lives in
+// L2, and for plain reuse its round trip per entry was the bound (measured about 2x at DiT-S/2).
+// Corrected entries are not grouped: with fp32 operands and every term, a group of four measured 4-5x
+// slower than one entry per pass (GCC left that loop scalar), and with one term no faster.
+template <int GROUP, typename S>
+void add_plain_group(float* __restrict acc, const float* const* gates, const S* const* caches, int64_t channels) {
+  static_assert(GROUP >= 2 && GROUP <= kEntryGroup);
+  const float* __restrict g0 = gates[0];
+  const float* __restrict g1 = gates[1];
+  const float* __restrict g2 = gates[GROUP > 2 ? 2 : 0];
+  const float* __restrict g3 = gates[GROUP > 3 ? 3 : 0];
+  const S* __restrict c0 = caches[0];
+  const S* __restrict c1 = caches[1];
+  const S* __restrict c2 = caches[GROUP > 2 ? 2 : 0];
+  const S* __restrict c3 = caches[GROUP > 3 ? 3 : 0];
   for (int64_t c = 0; c < channels; ++c) {
-    float sum = acc[c];
-#pragma GCC unroll 4
-    for (int j = 0; j < GROUP; ++j) {
-      const float cached = to_float(cache[j][c]);
-      if constexpr (FLAGS == 0) {
-        sum = sum + gate[j][c] * cached;
-      } else {
-        const float corr = correction<FLAGS>(cached, prev[j], delta[j], trend[j], c, alpha[j], beta[j], gamma[j]);
-        sum = sum + gate[j][c] * (cached + corr);
-      }
-    }
+    float sum = acc[c] + g0[c] * to_float(c0[c]);
+    sum = sum + g1[c] * to_float(c1[c]);
+    if constexpr (GROUP > 2) sum = sum + g2[c] * to_float(c2[c]);
+    if constexpr (GROUP > 3) sum = sum + g3[c] * to_float(c3[c]);
     acc[c] = sum;
   }
-}
-
-template <typename S>
-using GroupFn = void (*)(float*, const GroupRows&, int64_t);
-
-template <typename S, int GROUP, int... FLAGS>
-constexpr std::array<GroupFn<S>, sizeof...(FLAGS)> group_fns(std::integer_sequence<int, FLAGS...>) {
-  return {&add_entry_group<GROUP, FLAGS, S>...};
-}
-
-// The pass of `group` (2..kEntryGroup) entries with these flags.
-template <typename S>
-GroupFn<S> pick_group_fn(int flags, int64_t group) {
-  using Flags = std::make_integer_sequence<int, kFlagCombinations>;
-  static constexpr auto two = group_fns<S, 2>(Flags{});
-  static constexpr auto three = group_fns<S, 3>(Flags{});
-  static constexpr auto four = group_fns<S, 4>(Flags{});
-  return group == 4 ? four[flags] : group == 3 ? three[flags] : two[flags];
 }
 
 template <typename S>
@@ -235,32 +195,23 @@ void run_entries(const Rows<T>& x, const OutRows<T>& out, const std::vector<Entr
         const bool has_delta = (e.flags & kHasDelta) != 0;
         const bool has_prev = (e.flags & kHasPrev) != 0;
         const bool has_trend = (e.flags & kHasTrend) != 0;
-        // A run of contiguous entries with the same flags and no judgment: up to kEntryGroup per pass.
+        // A run of contiguous plain-reuse entries: up to kEntryGroup per pass (add_plain_group).
         int64_t group = 0;
-        while (group < kEntryGroup && k + group < num_entries && entries[k + group].flags == e.flags &&
-               entries[k + group].contiguous && (e.flags == 0 || !judge)) {
+        while (group < kEntryGroup && k + group < num_entries && entries[k + group].flags == 0 &&
+               entries[k + group].contiguous) {
           ++group;
         }
         if (group > 1) {
-          const GroupFn<T> fn = pick_group_fn<T>(e.flags, group);
-          GroupRows rows{};
-          for (int64_t j = 0; j < group; ++j) {
-            const Entry<T>& ej = entries[k + j];
-            rows.gate[j] = gates + (k + j) * channels;
-            rows.alpha[j] = ej.alpha;
-            rows.beta[j] = ej.beta;
-            rows.gamma[j] = ej.gamma;
-          }
+          const float* group_gates[kEntryGroup] = {};
+          const T* group_caches[kEntryGroup] = {};
+          for (int64_t j = 0; j < group; ++j) group_gates[j] = gates + (k + j) * channels;
           for (int64_t i = 0; i < count; ++i) {
             const int64_t n = n0 + i;
-            for (int64_t j = 0; j < group; ++j) {
-              const Entry<T>& ej = entries[k + j];
-              rows.cache[j] = ej.cache.row(b, n);
-              rows.prev[j] = has_prev ? ej.prev.row(b, n) : nullptr;
-              rows.delta[j] = has_delta ? ej.delta.row(b, n) : nullptr;
-              rows.trend[j] = has_trend ? ej.trend.row(b, n) : nullptr;
-            }
-            fn(acc + i * channels, rows, channels);
+            for (int64_t j = 0; j < group; ++j) group_caches[j] = entries[k + j].cache.row(b, n);
+            float* row_acc = acc + i * channels;
+            if (group == 4) add_plain_group<4>(row_acc, group_gates, group_caches, channels);
+            else if (group == 3) add_plain_group<3>(row_acc, group_gates, group_caches, channels);
+            else add_plain_group<2>(row_acc, group_gates, group_caches, channels);
           }
           k += group - 1;
           continue;

@@ -377,10 +377,9 @@ def test_bit_identical_to_the_reference(op, dtype, threshold, isa):
 @pytest.mark.parametrize("blocks", [1, 2, 3, 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grouped_entries_are_bit_identical(dtype, blocks, coef):
-    """Consecutive unjudged entries with the same terms run as one pass of up to four (csrc/cpu_kernels.h,
-    add_entry_group): 2, 4, 6 and 10 entries give passes of 2, 4, 4 + 2 and 4 + 4 + 2 (mixed coefficients
-    break the runs), bit-identical to the reference and to one entry per pass (the threshold > 0 case,
-    which the grouping does not take for corrected entries)."""
+    """Consecutive plain-reuse entries run as one pass of up to four (csrc/cpu_kernels.h, add_plain_group):
+    2, 4, 6 and 10 entries give passes of 2, 4, 4 + 2 and 4 + 4 + 2 (mixed coefficients break the runs;
+    corrected entries run one per pass), bit-identical to the reference, with and without a threshold."""
     gen = torch.Generator().manual_seed(39 + blocks)
     shape = (2, 9, 37)
     x = torch.randn(shape, generator=gen).to(dtype)
@@ -390,7 +389,7 @@ def test_grouped_entries_are_bit_identical(dtype, blocks, coef):
     with poisoned_output_buffers():
         out = run_segment(x, segment, **CPP)
     assert torch.equal(out, expected)
-    # A tiny threshold (no token's score is near it) judges every corrected entry one by one.
+    # A tiny threshold (no token's score is near it): corrected entries are judged, plain ones still grouped.
     tiny = 1e-30
     expected = run_segment(x, segment, token_threshold=tiny, backend="torch")
     assert torch.equal(run_segment(x, segment, token_threshold=tiny, **CPP), expected)
