@@ -110,9 +110,10 @@ void add_entry_row(float* __restrict acc, const float* __restrict gate, const S*
 // acc[0:C] += gate_0 ⊙ Cc_0, then += gate_1 ⊙ Cc_1, ... — the same products and sums in the same order as
 // GROUP calls of add_entry_row<0> (bit for bit), with the running sum kept in a register between
 // entries instead of a store and a reload of acc per entry. acc (a tile of rows, about 64 KiB) lives in
-// L2, and for plain reuse its round trip per entry was the bound (measured about 2x at DiT-S/2).
-// Corrected entries are not grouped: with fp32 operands and every term, a group of four measured 4-5x
-// slower than one entry per pass (GCC left that loop scalar), and with one term no faster.
+// L2, and for plain reuse its round trip per entry bounded the loop (benchmark runs at 92744a4 and
+// 8f19f2c: DiT-S/2 plain reuse 25% faster in fp32, 39% in bf16). Corrected entries are not grouped: a
+// generic group measured 2-15% faster with one term (extrapolate) but 3.6-4x slower in fp32 with every
+// term (probably not vectorised; the disassembly was not checked), so only plain entries are grouped.
 template <int GROUP, typename S>
 void add_plain_group(float* __restrict acc, const float* const* gates, const S* const* caches, int64_t channels) {
   static_assert(GROUP >= 2 && GROUP <= kEntryGroup);

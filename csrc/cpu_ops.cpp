@@ -178,8 +178,10 @@ void run(const Rows<T>& x, const OutRows<T>& out, const std::vector<Entry<T>>& e
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
+using eoc_checks::check_branch;
 using eoc_checks::check_feature;
 using eoc_checks::check_rows;
+using eoc_checks::check_segment;
 using eoc_checks::sizes_of;
 
 void check_x_out(const char* op, const Tensor& x, const Tensor& out) {
@@ -307,18 +309,6 @@ bool empty(const Tensor& x) { return x.numel() == 0; }
 
 // --- ops ----------------------------------------------------------------------------------------
 
-void check_branch(const char* op, const Tensor& x, const char* gate_name, const Tensor& gate, const char* cache_name,
-                  const Tensor& cache, const char* prev_name, const OptTensor& prev, const char* delta_name,
-                  const OptTensor& delta, const char* trend_name, const OptTensor& trend) {
-  check_feature(op, gate_name, gate, x);
-  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(2), op, ": ", gate_name,
-              " has shape ", sizes_of(gate), ", which does not fit x of shape ", sizes_of(x));
-  check_rows(op, cache_name, cache, x, {}, false);
-  if (prev.has_value()) check_rows(op, prev_name, *prev, x, {}, false);
-  if (delta.has_value()) check_rows(op, delta_name, *delta, x, {}, true);
-  if (trend.has_value()) check_rows(op, trend_name, *trend, x, {}, true);
-}
-
 void cached_branch_out(const Tensor& x, const Tensor& gate, const Tensor& cache, const OptTensor& prev,
                        const OptTensor& delta, const OptTensor& trend, c10::ArrayRef<double> coef_values,
                        const OptTensor& coef_tensor, double threshold_value, const OptTensor& threshold_tensor,
@@ -367,26 +357,11 @@ void cached_segment_out(const Tensor& x, const Tensor& gates, const Tensor& cach
                         double threshold_value, const OptTensor& threshold_tensor, Tensor& out) {
   constexpr const char* op = "eoc::cached_segment_out";
   check_x_out(op, x, out);
-  check_feature(op, "cache", cache, x);
-  TORCH_CHECK(cache.dim() == 6 && (cache.size(0) == 1 || cache.size(0) == 2) && cache.size(2) == 2 &&
-                  cache.size(3) == x.size(0) && cache.size(4) == x.size(1) && cache.size(5) == x.size(2),
-              op, ": cache must have shape [G, S, 2, B, N, C] with G in {1, 2}, got ", sizes_of(cache));
+  check_segment(op, x, gates, cache, generation, delta, trend, coef);
   const int64_t generations = cache.size(0), blocks = cache.size(1);
-  const int64_t batch = x.size(0), channels = x.size(2);
-  check_feature(op, "gates", gates, x);
-  TORCH_CHECK(gates.dim() == 4 && gates.size(0) == batch && gates.size(1) == blocks && gates.size(2) == 2 &&
-                  gates.size(3) == channels,
-              op, ": gates must have shape [B, S, 2, C], got ", sizes_of(gates));
-  TORCH_CHECK(generation.device().is_cpu() && (generation.scalar_type() == at::kInt || generation.scalar_type() == at::kLong) &&
-                  generation.dim() == 2 && generation.size(0) == blocks && generation.size(1) == 2,
-              op, ": generation must be an int32 or int64 CPU tensor of shape [S, 2], got ", generation.scalar_type(),
-              " ", sizes_of(generation));
-  if (delta.has_value()) check_rows(op, "delta", *delta, x, {blocks, 2}, true);
-  if (trend.has_value()) check_rows(op, "trend", *trend, x, {blocks, 2}, true);
+  const int64_t batch = x.size(0);
   const float* coef_data = nullptr;
   if (coef.has_value()) {
-    TORCH_CHECK(coef->dim() == 3 && coef->size(0) == blocks && coef->size(1) == 2 && coef->size(2) == 3, op,
-                ": coef must have shape [S, 2, 3], got ", sizes_of(*coef));
     coef_data = float_values(op, "coef", *coef, blocks * 6);
   }
   const float threshold = threshold_of(op, threshold_value, threshold_tensor);

@@ -60,4 +60,46 @@ inline void check_x_out(const char* op, const Tensor& x, const Tensor& out, c10:
   TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", sizes_of(x), ", got ", sizes_of(out));
 }
 
+// One reused branch: gate [B, C], cache and prev [B, N, C], delta and trend [H, N, C] with H dividing B.
+inline void check_branch(const char* op, const Tensor& x, const char* gate_name, const Tensor& gate,
+                         const char* cache_name, const Tensor& cache, const char* prev_name, const OptTensor& prev,
+                         const char* delta_name, const OptTensor& delta, const char* trend_name,
+                         const OptTensor& trend) {
+  check_feature(op, gate_name, gate, x);
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(2), op, ": ", gate_name,
+              " has shape ", sizes_of(gate), ", which does not fit x of shape ", sizes_of(x));
+  check_rows(op, cache_name, cache, x, {}, false);
+  if (prev.has_value()) check_rows(op, prev_name, *prev, x, {}, false);
+  if (delta.has_value()) check_rows(op, delta_name, *delta, x, {}, true);
+  if (trend.has_value()) check_rows(op, trend_name, *trend, x, {}, true);
+}
+
+// cached_segment's operands: cache [G, S, 2, B, N, C] (G in {1, 2}), gates [B, S, 2, C], generation int32 /
+// int64 [S, 2] on x's device, delta and trend [S, 2, H, N, C], coef [S, 2, 3] (its dtype and device are the
+// caller's check: the CPU kernel reads it on the host, the CUDA kernel on the device).
+inline void check_segment(const char* op, const Tensor& x, const Tensor& gates, const Tensor& cache,
+                          const Tensor& generation, const OptTensor& delta, const OptTensor& trend,
+                          const OptTensor& coef) {
+  check_feature(op, "cache", cache, x);
+  TORCH_CHECK(cache.dim() == 6 && (cache.size(0) == 1 || cache.size(0) == 2) && cache.size(2) == 2 &&
+                  cache.size(3) == x.size(0) && cache.size(4) == x.size(1) && cache.size(5) == x.size(2),
+              op, ": cache must have shape [G, S, 2, B, N, C] with G in {1, 2}, got ", sizes_of(cache));
+  const int64_t blocks = cache.size(1);
+  check_feature(op, "gates", gates, x);
+  TORCH_CHECK(gates.dim() == 4 && gates.size(0) == x.size(0) && gates.size(1) == blocks && gates.size(2) == 2 &&
+                  gates.size(3) == x.size(2),
+              op, ": gates must have shape [B, S, 2, C], got ", sizes_of(gates));
+  check_device(op, "generation", generation, x);
+  TORCH_CHECK((generation.scalar_type() == at::kInt || generation.scalar_type() == at::kLong) &&
+                  generation.dim() == 2 && generation.size(0) == blocks && generation.size(1) == 2,
+              op, ": generation must be an int32 or int64 tensor of shape [S, 2], got ", generation.scalar_type(), " ",
+              sizes_of(generation));
+  if (delta.has_value()) check_rows(op, "delta", *delta, x, {blocks, 2}, true);
+  if (trend.has_value()) check_rows(op, "trend", *trend, x, {blocks, 2}, true);
+  if (coef.has_value()) {
+    TORCH_CHECK(coef->dim() == 3 && coef->size(0) == blocks && coef->size(1) == 2 && coef->size(2) == 3, op,
+                ": coef must have shape [S, 2, 3], got ", sizes_of(*coef));
+  }
+}
+
 }  // namespace eoc_checks

@@ -6,7 +6,8 @@ quality can be judged on a real, trained model, with the metrics to judge it:
   ``fd(images_a, images_b)``: fidelity of a caching method, measured against the uncached samples from
   the same noise (the targets); ``image_psnrs`` gives the per-image values whose mean and 10th
   percentile are reported beside it (the mean alone rewards near-blank easy images and hides the hard
-  ones: on this testbed it reads about 11 dB above the pooled figure);
+  ones: on this testbed it read 1.9–7.5 dB above the pooled figure in the 200-sample diffusers
+  head-to-head, benchmarks/results/diffusers-head-to-head-cpu-2026-12-01.md);
 - ``fd_to_data(images)`` (against the shipped test-split statistics) and
   ``classifier_accuracy(images, labels)``: reported, but not fidelity targets (docs/DESIGN.md §2).
 
