@@ -571,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", dest="hidden_size", type=int, default=None, help="model width (default 256)")
     p.add_argument("--depth", type=int, default=None, help="blocks (default 6)")
     p.add_argument("--num-heads", dest="num_heads", type=int, default=None, help="attention heads (default 4)")
+    p.add_argument("--ema-start", dest="ema_start", type=int, default=None,
+                   help="iteration from which the EMA averages (before it, it copies the weights; default: --warmup)")
+    p.add_argument("--init-from", dest="init_from", default=None,
+                   help="warm start from this testbed_dit.pt (same architecture): weights and EMA start from it, "
+                        "and the card records the card beside it")
     p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
                    help="write train_state.pt every this many iterations and when the run stops (default 0: never)")

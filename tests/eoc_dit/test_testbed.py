@@ -219,3 +219,34 @@ def test_evaluate_refuses_a_bad_batch_size():
 
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(methods_for([2], []), 4, batch_size=0, progress=False)
+
+
+def test_a_warm_start_begins_from_the_given_weights_and_records_their_card(tmp_path):
+    """init_from loads the checkpoint into the weights and the EMA (with ema_start=0 the EMA averages from the
+    first iteration); the card carries the card beside the checkpoint; another architecture is refused."""
+    images = torch.rand(16, 1, 28, 28) * 2 - 1
+    labels = torch.randint(0, 10, (16,))
+    settings = dict(hidden_size=32, depth=1, num_heads=2, batch_size=8, warmup=1)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    train_testbed(TrainConfig(iterations=2, **settings), str(first), images=images, labels=labels, progress=False)
+    start = torch.load(first / "testbed_dit.pt", weights_only=True)
+    config = TrainConfig(iterations=1, lr=0.0, ema_start=0, init_from=str(first / "testbed_dit.pt"), **settings)
+    card = train_testbed(config, str(second), images=images, labels=labels, progress=False)
+    after = torch.load(second / "testbed_dit.pt", weights_only=True)
+    # lr 0: the weights do not move, so the EMA of the loaded weights is the loaded weights (fp16 round trip)
+    assert all(torch.equal(after[k], start[k]) for k in start)
+    assert card["init_from_card"]["iterations_run"] == 2 and card["config"]["ema_start"] == 0
+    fresh = train_testbed(TrainConfig(iterations=1, lr=0.0, ema_start=0, **settings), str(first), images=images,
+                          labels=labels, progress=False)
+    assert fresh["init_from_card"] is None
+    wider = TrainConfig(iterations=1, hidden_size=64, depth=1, num_heads=2, batch_size=8,
+                        init_from=str(second / "testbed_dit.pt"))
+    with pytest.raises(ValueError, match="not a checkpoint of this architecture"):
+        train_testbed(wider, str(tmp_path), images=images, labels=labels, progress=False)
+    with pytest.raises(ValueError, match="init_from: .* is not a file"):
+        train_testbed(TrainConfig(init_from=str(tmp_path / "missing.pt"), **settings), str(tmp_path), images=images,
+                      labels=labels, progress=False)
+    with pytest.raises(ValueError, match="ema_start must be an int >= 0"):
+        TrainConfig(ema_start=-1)

@@ -48,6 +48,11 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     max_minutes: float = 0.0  # > 0: stop early after this much wall time (the card records it)
+    # the EMA copies the weights before this iteration and averages from it on (None: from `warmup`)
+    ema_start: int | None = None
+    # warm start: a testbed checkpoint (fp16 EMA weights, same architecture) that initialises both the
+    # weights and the EMA; "" trains from the random init
+    init_from: str = ""
 
     def __post_init__(self):
         positive = ("input_size", "patch_size", "hidden_size", "depth", "num_heads", "num_classes", "iterations",
@@ -56,7 +61,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup", "seed"):
+        for name in ("warmup", "seed") + (("ema_start",) if self.ema_start is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
@@ -67,6 +72,12 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not low <= value <= high:
                 raise InputValueError(f"TrainConfig.{name} must be a finite number in [{low}, {high}], got {value!r}")
+        if not isinstance(self.init_from, str):
+            raise InputValueError(f"TrainConfig.init_from must be a path string, got {self.init_from!r}")
+
+    @property
+    def ema_start_iteration(self) -> int:
+        return self.warmup if self.ema_start is None else self.ema_start
 
     def build_model(self) -> DiT:
         return DiT(input_size=self.input_size, patch_size=self.patch_size, in_channels=1,
@@ -97,12 +108,14 @@ STATE_NAME = "train_state.pt"
 RESUMABLE_CHANGES = ("iterations", "max_minutes")
 
 
-def _save_state(path, config, step, model, ema, optimizer, generator, order, cursor, losses, history, wall):
+def _save_state(path, config, step, model, ema, optimizer, generator, order, cursor, losses, history, wall,
+                init_card=None):
     """Everything the loop needs to go on exactly as if it had not stopped (written atomically)."""
     state = {"config": asdict(config), "next_step": step, "model": model.state_dict(), "ema": ema.state_dict(),
              "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
              "torch_rng": torch.get_rng_state(),  # the label dropout draws from the global generator
-             "order": order, "cursor": cursor, "losses": losses[-100:], "history": history, "wall_time_s": wall}
+             "order": order, "cursor": cursor, "losses": losses[-100:], "history": history, "wall_time_s": wall,
+             "init_card": init_card}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -123,6 +136,27 @@ def _load_state(path, config):
         raise InputValueError(f"cannot resume from {path}: it already ran {state['next_step']} iterations, "
                               f"more than iterations={config.iterations}")
     return state
+
+
+def _load_init_weights(path, model):
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise InputValueError(f"TrainConfig.init_from: cannot read {path}: {type(error).__name__}: {error}") from None
+    expected = model.state_dict()
+    if not isinstance(weights, dict) or set(weights) != set(expected) or any(
+            tuple(weights[k].shape) != tuple(v.shape) for k, v in expected.items()):
+        raise InputValueError(f"TrainConfig.init_from: {path} is not a checkpoint of this architecture "
+                              "(its parameter names or shapes differ)")
+    return {k: v.float() for k, v in weights.items()}
+
+
+def _card_beside(path):
+    card_path = os.path.join(os.path.dirname(os.path.abspath(path)), CARD_NAME)
+    if not os.path.isfile(card_path):
+        return None
+    with open(card_path) as f:
+        return json.load(f)
 
 
 def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None, progress: bool = True,
@@ -154,6 +188,12 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
     generator = torch.Generator().manual_seed(config.seed)
     model = config.build_model().to(device).train()
     ema = config.build_model().to(device).eval()
+    init_card = None
+    if config.init_from and state is None:
+        if not os.path.isfile(config.init_from):  # checked here, not in TrainConfig: a card's path may be elsewhere
+            raise InputValueError(f"TrainConfig.init_from: {config.init_from} is not a file")
+        model.load_state_dict(_load_init_weights(config.init_from, model))
+        init_card = _card_beside(config.init_from)
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -189,7 +229,7 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        _update_ema(ema, model, config.ema_decay if step >= config.warmup else 0.0)
+        _update_ema(ema, model, config.ema_decay if step >= config.ema_start_iteration else 0.0)
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == config.iterations:
             recent = float(np.mean(losses[-100:]))
@@ -198,7 +238,8 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
         stop = config.max_minutes > 0 and time.perf_counter() - start > 60 * config.max_minutes
         if checkpoint_every and ((step + 1) % checkpoint_every == 0 or stop or step + 1 == config.iterations):
             _save_state(state_path, config, step + 1, model, ema, optimizer, generator, order, cursor, losses,
-                        history, wall_before + time.perf_counter() - start)
+                        history, wall_before + time.perf_counter() - start,
+                        init_card if state is None else state.get("init_card"))
         if stop:
             break
     wall = wall_before + time.perf_counter() - start
@@ -217,6 +258,8 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)},
         "resumed_from_iteration": first if state is not None else None,
+        # a warm-started run's card carries the card of the run it started from: the whole recipe
+        "init_from_card": init_card if state is None else state.get("init_card"),
         "weights": f"{CHECKPOINT_NAME}: EMA (decay {config.ema_decay}) weights stored in fp16",
         "date": time.strftime("%Y-%m-%d"),
     }
