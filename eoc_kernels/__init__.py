@@ -8,6 +8,7 @@ import importlib.util
 from . import cpp, cuda, reference  # register the "cpp" and "cuda" backends (available when _C holds their kernels)
 from .dispatch import available_backends, resolve_backend
 from .ops import cached_block, cached_branch, cached_segment
+from .reference import history_coefficients, history_weights
 
 if importlib.util.find_spec("triton") is not None:  # the package works without triton
     from . import triton as _triton_backend  # noqa: F401  (registers the "triton" backend)
@@ -26,4 +27,4 @@ def cuda_available() -> bool:
 
 
 __all__ = ["available_backends", "cached_block", "cached_branch", "cached_segment", "cpp_available", "cuda_available",
-           "reference", "resolve_backend"]
+           "history_coefficients", "history_weights", "reference", "resolve_backend"]

@@ -2,17 +2,21 @@
 
 One schema per op, for every compiled backend::
 
-    eoc::cached_branch (x, gate, cache, prev?, delta?, trend?, coef_values, coef_tensor?,
-                        threshold_value, threshold_tensor?, kernel) -> Tensor
+    eoc::cached_branch (x, gate, cache, prev?, prev2?, prev3?, delta?, trend?, coef_values[5],
+                        coef_tensor?, threshold_value, threshold_tensor?, kernel) -> Tensor
     eoc::cached_block  (x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn?, prev_mlp?,
-                        delta_attn?, delta_mlp?, trend_attn?, trend_mlp?, coef_values[6],
-                        coef_tensor_attn?, coef_tensor_mlp?, threshold_value, threshold_tensor?, kernel)
+                        prev2_attn?, prev2_mlp?, prev3_attn?, prev3_mlp?, delta_attn?, delta_mlp?,
+                        trend_attn?, trend_mlp?, coef_values[10], coef_tensor_attn?, coef_tensor_mlp?,
+                        threshold_value, threshold_tensor?, kernel) -> Tensor
     eoc::cached_segment(x, gates, cache, generation, delta?, trend?, coef?, threshold_value,
                         threshold_tensor?, kernel) -> Tensor
 
 i.e. the public op's arguments in "split" form (a custom op's schema cannot take "a float or a tensor",
 so ``coef`` and ``token_threshold`` travel as a (values, tensor-or-None) pair: ``split_coef`` /
-``split_threshold`` make it, ``coef_of`` / ``threshold_of`` undo it) plus the kernel's name. Each op has
+``split_threshold`` make it, ``coef_of`` / ``threshold_of`` undo it) plus the kernel's name.
+``coef_values`` always holds 5 floats per branch, (alpha, beta1, gamma, beta2, beta3) padded with zeros
+(cached_block: attention's 5 then MLP's 5); a ``coef_tensor`` is float32 [P], P in {3, 4, 5}, and its
+length is P. cached_segment's coef is float32 [S, 2, P]. Each op has
 one fake (``torch.empty_like(x)``, so ``torch.compile(fullgraph=True)`` traces through it) and one
 backward that recomputes the eager reference (``register_reference_autograd``): every backend
 differentiates exactly as the "torch" backend does.
@@ -39,6 +43,8 @@ from . import dispatch, reference
 
 OP_NAMES = ("cached_branch", "cached_block", "cached_segment")
 _ZERO_COEF = (0.0, 0.0, 0.0)
+#: Floats per branch in coef_values: (alpha, beta1, gamma, beta2, beta3).
+COEF_SLOTS = reference.MAX_COEFS
 
 #: (op name, device type) -> kernel name -> fn(*split arguments) -> output tensor.
 _KERNELS: dict[tuple[str, str], dict[str, Callable]] = {}
@@ -47,10 +53,14 @@ _KERNELS: dict[tuple[str, str], dict[str, Callable]] = {}
 # --- the split argument forms --------------------------------------------------------------------------
 
 def split_coef(coef):
-    """(coef_values: list of 3 floats, coef_tensor or None) for the custom op schema."""
+    """(coef_values: list of 5 floats, coef_tensor or None) for the custom op schema.
+
+    Python numbers (3 to 5 of them) are padded with zeros to (alpha, beta1, gamma, beta2, beta3); a
+    tensor coef travels as is (float32 [P]) with coef_values all zero."""
     if isinstance(coef, torch.Tensor):
-        return [0.0, 0.0, 0.0], coef
-    return [float(value) for value in coef], None
+        return [0.0] * COEF_SLOTS, coef
+    values = [float(value) for value in coef]
+    return values + [0.0] * (COEF_SLOTS - len(values)), None
 
 
 def split_threshold(token_threshold):
@@ -81,28 +91,31 @@ def _no_kernel(op_name, x, kernel):
 
 @torch.library.custom_op("eoc::cached_branch", mutates_args=())
 def cached_branch_op(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor, prev: Optional[torch.Tensor],
+                     prev2: Optional[torch.Tensor], prev3: Optional[torch.Tensor],
                      delta: Optional[torch.Tensor], trend: Optional[torch.Tensor], coef_values: list[float],
                      coef_tensor: Optional[torch.Tensor], threshold_value: float,
                      threshold_tensor: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
     """eoc::cached_branch: eoc_kernels.cached_branch in split form, run by the named kernel of x's device.
 
-    coef_values (3 floats) are the coefficients unless coef_tensor (float32 [3]) is given; threshold_value
-    is the token threshold unless threshold_tensor (float32, one element) is. Inputs as checked by
-    eoc_kernels.cached_branch."""
+    coef_values (5 floats: alpha, beta1, gamma, beta2, beta3) are the coefficients unless coef_tensor
+    (float32 [P], P in {3, 4, 5}) is given; threshold_value is the token threshold unless threshold_tensor
+    (float32, one element) is. Inputs as checked by eoc_kernels.cached_branch."""
     return _no_kernel("cached_branch", x, kernel)
 
 
 @torch.library.custom_op("eoc::cached_block", mutates_args=())
 def cached_block_op(x: torch.Tensor, gate_attn: torch.Tensor, gate_mlp: torch.Tensor, cache_attn: torch.Tensor,
                     cache_mlp: torch.Tensor, prev_attn: Optional[torch.Tensor], prev_mlp: Optional[torch.Tensor],
+                    prev2_attn: Optional[torch.Tensor], prev2_mlp: Optional[torch.Tensor],
+                    prev3_attn: Optional[torch.Tensor], prev3_mlp: Optional[torch.Tensor],
                     delta_attn: Optional[torch.Tensor], delta_mlp: Optional[torch.Tensor],
                     trend_attn: Optional[torch.Tensor], trend_mlp: Optional[torch.Tensor], coef_values: list[float],
                     coef_tensor_attn: Optional[torch.Tensor], coef_tensor_mlp: Optional[torch.Tensor],
                     threshold_value: float, threshold_tensor: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
     """eoc::cached_block: eoc_kernels.cached_block in split form, run by the named kernel of x's device.
 
-    coef_values = (alpha, beta, gamma) of attention then of MLP (6 floats); a branch uses its
-    coef_tensor_* (float32 [3]) instead when given."""
+    coef_values = (alpha, beta1, gamma, beta2, beta3) of attention then of MLP (10 floats); a branch uses
+    its coef_tensor_* (float32 [P], P in {3, 4, 5}) instead when given."""
     return _no_kernel("cached_block", x, kernel)
 
 
@@ -112,7 +125,8 @@ def cached_segment_op(x: torch.Tensor, gates: torch.Tensor, cache: torch.Tensor,
                       threshold_value: float, threshold_tensor: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
     """eoc::cached_segment: eoc_kernels.cached_segment in split form, run by the named kernel of x's device.
 
-    coef: float32 [S, 2, 3] or None (plain reuse)."""
+    cache: [G, S, 2, B, N, C], G in {1, 2, 3, 4}; coef: float32 [S, 2, P], P in {3, 4, 5}, or None (plain
+    reuse)."""
     return _no_kernel("cached_segment", x, kernel)
 
 
@@ -123,20 +137,22 @@ def _fake(x, *args):
     return torch.empty_like(x)
 
 
-def _branch_reference(x, gate, cache, prev, delta, trend, coef_values, coef_tensor, threshold_value,
-                      threshold_tensor, kernel):
-    return reference.cached_branch(x, gate, cache, prev=prev, delta=delta, trend=trend,
+def _branch_reference(x, gate, cache, prev, prev2, prev3, delta, trend, coef_values, coef_tensor,
+                      threshold_value, threshold_tensor, kernel):
+    return reference.cached_branch(x, gate, cache, prev=prev, prev2=prev2, prev3=prev3, delta=delta, trend=trend,
                                    coef=coef_of(coef_values, coef_tensor),
                                    token_threshold=threshold_of(threshold_value, threshold_tensor))
 
 
-def _block_reference(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp, delta_attn, delta_mlp,
-                     trend_attn, trend_mlp, coef_values, coef_tensor_attn, coef_tensor_mlp, threshold_value,
-                     threshold_tensor, kernel):
+def _block_reference(x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp, prev2_attn, prev2_mlp,
+                     prev3_attn, prev3_mlp, delta_attn, delta_mlp, trend_attn, trend_mlp, coef_values,
+                     coef_tensor_attn, coef_tensor_mlp, threshold_value, threshold_tensor, kernel):
     return reference.cached_block(
         x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn=prev_attn, prev_mlp=prev_mlp,
+        prev2_attn=prev2_attn, prev2_mlp=prev2_mlp, prev3_attn=prev3_attn, prev3_mlp=prev3_mlp,
         delta_attn=delta_attn, delta_mlp=delta_mlp, trend_attn=trend_attn, trend_mlp=trend_mlp,
-        coef_attn=coef_of(coef_values[:3], coef_tensor_attn), coef_mlp=coef_of(coef_values[3:], coef_tensor_mlp),
+        coef_attn=coef_of(coef_values[:COEF_SLOTS], coef_tensor_attn),
+        coef_mlp=coef_of(coef_values[COEF_SLOTS:], coef_tensor_mlp),
         token_threshold=threshold_of(threshold_value, threshold_tensor))
 
 
@@ -238,19 +254,22 @@ def run(op_name: str, kernel_name: str, split_args: tuple) -> torch.Tensor:
 def backend_functions(kernel_name: str) -> dict[str, Callable]:
     """The public ops' signatures minus ``backend`` (inputs already checked) running kernel_name."""
 
-    def cached_branch(x, gate, cache, *, prev=None, delta=None, trend=None, coef=_ZERO_COEF, token_threshold=0.0):
+    def cached_branch(x, gate, cache, *, prev=None, prev2=None, prev3=None, delta=None, trend=None,
+                      coef=_ZERO_COEF, token_threshold=0.0):
         return run("cached_branch", kernel_name,
-                   (x, gate, cache, prev, delta, trend, *split_coef(coef), *split_threshold(token_threshold)))
+                   (x, gate, cache, prev, prev2, prev3, delta, trend, *split_coef(coef),
+                    *split_threshold(token_threshold)))
 
     def cached_block(x, gate_attn, gate_mlp, cache_attn, cache_mlp, *, prev_attn=None, prev_mlp=None,
+                     prev2_attn=None, prev2_mlp=None, prev3_attn=None, prev3_mlp=None,
                      delta_attn=None, delta_mlp=None, trend_attn=None, trend_mlp=None, coef_attn=_ZERO_COEF,
                      coef_mlp=_ZERO_COEF, token_threshold=0.0):
         values_attn, tensor_attn = split_coef(coef_attn)
         values_mlp, tensor_mlp = split_coef(coef_mlp)
         return run("cached_block", kernel_name,
-                   (x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp, delta_attn, delta_mlp,
-                    trend_attn, trend_mlp, values_attn + values_mlp, tensor_attn, tensor_mlp,
-                    *split_threshold(token_threshold)))
+                   (x, gate_attn, gate_mlp, cache_attn, cache_mlp, prev_attn, prev_mlp, prev2_attn, prev2_mlp,
+                    prev3_attn, prev3_mlp, delta_attn, delta_mlp, trend_attn, trend_mlp, values_attn + values_mlp,
+                    tensor_attn, tensor_mlp, *split_threshold(token_threshold)))
 
     def cached_segment(x, gates, cache, generation, *, delta=None, trend=None, coef=None, token_threshold=0.0):
         return run("cached_segment", kernel_name,

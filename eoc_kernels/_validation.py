@@ -103,24 +103,31 @@ def _check_parameter_tensor(op, name, tensor, device, shapes, layout):
         raise _shape_error(op, name, layout, tensor)
 
 
+COEF_LENGTHS = (3, 4, 5)  # (alpha, beta1, gamma[, beta2[, beta3]]), issue 10, DESIGN §2.2
+_COEF_NAMES = "(alpha, beta1, gamma[, beta2[, beta3]])"
+MAX_GENERATIONS = 4  # cached_segment's cache ring: G in 1..4
+
+
 def _check_coef(op, name, coef, device):
-    """coef = (alpha, beta, gamma): a tuple or list of 3 numbers, or a float32 tensor [3]."""
+    """coef = (alpha, beta1, gamma[, beta2[, beta3]]): a tuple or list of 3 to 5 numbers, or a
+    float32 tensor [P] with P in {3, 4, 5}."""
     if isinstance(coef, torch.Tensor):
-        _check_parameter_tensor(op, name, coef, device, shapes=[(3,)], layout="[3]")
+        _check_parameter_tensor(op, name, coef, device, shapes=[(p,) for p in COEF_LENGTHS],
+                                layout="[P] with P in {3, 4, 5}")
         _require_finite(op, name, coef)
         return
     if not isinstance(coef, (tuple, list)):
-        raise InputTypeError(f"{op}: {name} must be a tuple of 3 numbers (alpha, beta, gamma) or a "
-                        f"float32 tensor of shape [3], got {type(coef).__name__}")
-    if len(coef) != 3:
-        raise InputValueError(f"{op}: {name} must have 3 entries (alpha, beta, gamma), got {len(coef)}")
+        raise InputTypeError(f"{op}: {name} must be a tuple of 3 to 5 numbers {_COEF_NAMES} or a "
+                             f"float32 tensor of shape [P] with P in {{3, 4, 5}}, got {type(coef).__name__}")
+    if len(coef) not in COEF_LENGTHS:
+        raise InputValueError(f"{op}: {name} must have 3, 4 or 5 entries {_COEF_NAMES}, got {len(coef)}")
     for value in coef:
         if not _is_number(value):
             raise InputTypeError(f"{op}: {name} entries must be Python numbers (not bool), "
-                            f"got {type(value).__name__}")
+                                 f"got {type(value).__name__}")
         if not math.isfinite(value):
             raise InputValueError(f"{op}: {name} entries must be finite (no NaN or inf), "
-                             f"got {tuple(coef)}")
+                                  f"got {tuple(coef)}")
 
 
 def check_features(op, x):
@@ -132,13 +139,23 @@ def check_features(op, x):
         raise _shape_error(op, "x", "[B, N, C]", x)
 
 
-def check_branch(op, x, suffix, *, gate, cache, prev, delta, trend, coef):
-    """Checks one reused branch's arguments; their names are the base names + suffix."""
+def check_branch(op, x, suffix, *, gate, cache, prev, delta, trend, coef, prev2=None, prev3=None):
+    """Checks one reused branch's arguments; their names are the base names + suffix.
+
+    The history C_1 = prev, C_2 = prev2, C_3 = prev3 is [B, N, C] like cache; C_i needs C_{i-1}
+    (prev2 without prev, or prev3 without prev2, is a ValueError naming it)."""
     batch, tokens, channels = x.shape
     _check_like_x(op, f"gate{suffix}", gate, x, "[B, C]", (batch, channels))
     _check_like_x(op, f"cache{suffix}", cache, x, "[B, N, C]", (batch, tokens, channels))
-    if prev is not None:
-        _check_like_x(op, f"prev{suffix}", prev, x, "[B, N, C]", (batch, tokens, channels))
+    history = (("prev", prev), ("prev2", prev2), ("prev3", prev3))
+    for (before, earlier), (name, tensor) in zip((("cache", cache),) + history[:-1], history):
+        if tensor is None:
+            continue
+        if earlier is None:
+            raise InputValueError(f"{op}: {name}{suffix} must be None when {before}{suffix} is None "
+                                  f"(the history C_0, C_1, C_2, C_3 is cache, prev, prev2, prev3 without "
+                                  f"gaps), got a tensor")
+        _check_like_x(op, f"{name}{suffix}", tensor, x, "[B, N, C]", (batch, tokens, channels))
     if delta is not None:
         _check_per_head(op, f"delta{suffix}", delta, x)
     if trend is not None:
@@ -161,10 +178,10 @@ def check_segment(op, x, *, gates, cache, generation, delta, trend, coef):
     """Checks the arguments of cached_segment; S and G are read from cache."""
     batch, tokens, channels = x.shape
     _check_dtype_device(op, "cache", cache, x)
-    if (cache.dim() != 6 or cache.shape[0] not in (1, 2) or cache.shape[2] != 2
+    if (cache.dim() != 6 or not 1 <= cache.shape[0] <= MAX_GENERATIONS or cache.shape[2] != 2
             or cache.shape[3:] != x.shape):
         raise _shape_error(op, "cache", f"[G, S, 2, B, N, C] = [G, S, 2, {batch}, {tokens}, "
-                                        f"{channels}] with G in {{1, 2}}", cache)
+                                        f"{channels}] with G in {{1, 2, 3, 4}}", cache)
     blocks = cache.shape[1]
     _check_like_x(op, "gates", gates, x, "[B, S, 2, C]", (batch, blocks, 2, channels))
     _require_tensor(op, "generation", generation)
@@ -179,10 +196,10 @@ def check_segment(op, x, *, gates, cache, generation, delta, trend, coef):
             _check_per_head(op, name, tensor, x, lead=(blocks, 2), lead_layout=("S", "2"))
     if coef is not None:
         if not isinstance(coef, torch.Tensor):
-            raise InputTypeError(f"{op}: coef must be None or a float32 tensor of shape [S, 2, 3] "
-                            f"(alpha, beta, gamma per entry), got {type(coef).__name__}")
-        _check_parameter_tensor(op, "coef", coef, x.device, shapes=[(blocks, 2, 3)],
-                                layout=f"[S, 2, 3] = [{blocks}, 2, 3]")
+            raise InputTypeError(f"{op}: coef must be None or a float32 tensor of shape [S, 2, P] with P "
+                                 f"in {{3, 4, 5}} ({_COEF_NAMES[1:-1]} per entry), got {type(coef).__name__}")
+        _check_parameter_tensor(op, "coef", coef, x.device, shapes=[(blocks, 2, p) for p in COEF_LENGTHS],
+                                layout=f"[S, 2, P] = [{blocks}, 2, P] with P in {{3, 4, 5}}")
         _require_finite(op, "coef", coef)
 
 
