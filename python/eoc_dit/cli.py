@@ -356,6 +356,33 @@ def cmd_train_testbed(args) -> None:
           f"final loss {card['final_loss_mean_last_100']:.4f} -> {args.out}")
 
 
+def cmd_testbed_accuracy(args) -> None:
+    import json
+
+    from . import testbed
+    from .testbed.train import CARD_NAME
+
+    folder = args.folder if args.folder is not None else testbed.ASSETS
+    if args.samples < 10:
+        raise InputValueError(f"--samples must be >= 10 (one per class), got {args.samples}")
+    if args.write_card:
+        _check_writable_folder(folder, (CARD_NAME,), "--folder")
+    model = testbed.load_model_from(folder)
+    result = testbed.sample_accuracy(model, args.samples, cfg_scale=args.cfg_scale)
+    print(f"sample accuracy {result['overall']:.3f} ({args.samples} samples, CFG {args.cfg_scale:g}, DDIM-20)")
+    for name, accuracy in result["per_class"].items():
+        print(f"  {name:<12} {accuracy:.3f}  mean pixel {result['mean_pixel_per_class'][name]:+.2f}")
+    if args.write_card:
+        path = os.path.join(folder, CARD_NAME)
+        with open(path) as f:
+            card = json.load(f)
+        card["sample_accuracy"] = result
+        with open(path, "w") as f:
+            json.dump(card, f, indent=2)
+            f.write("\n")
+        print(f"recorded in {path}")
+
+
 def _training_device(name: str):
     import torch
 
@@ -582,6 +609,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="go on from --out's train_state.pt (only --iterations and --max-minutes may change)")
     p.set_defaults(func=cmd_train_testbed)
+
+    p = sub.add_parser("testbed-accuracy", help="per-class sample accuracy of a trained testbed (into its card)",
+                       description="Sample the testbed DiT uncached (labels cycling through the classes, seeds "
+                                   "300000+), classify with the shipped classifier, print the accuracy per class and, "
+                                   "with --write-card, record it in the folder's MODEL_CARD.json.")
+    p.add_argument("--folder", default=None,
+                   help="a folder written by 'eoc train-testbed --out' (default: the shipped testbed)")
+    p.add_argument("--samples", type=int, default=1000, help="samples (default 1000)")
+    p.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=3.0, help="CFG scale (default 3)")
+    p.add_argument("--write-card", dest="write_card", action="store_true",
+                   help="record the result as 'sample_accuracy' in the folder's MODEL_CARD.json")
+    p.set_defaults(func=cmd_testbed_accuracy)
 
     p = sub.add_parser("train-classifier", help="train the testbed's Fashion-MNIST feature classifier (minutes)",
                        description="Train the CNN whose features the testbed's Fréchet distance uses.")

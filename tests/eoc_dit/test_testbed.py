@@ -250,3 +250,29 @@ def test_a_warm_start_begins_from_the_given_weights_and_records_their_card(tmp_p
                       labels=labels, progress=False)
     with pytest.raises(ValueError, match="ema_start must be an int >= 0"):
         TrainConfig(ema_start=-1)
+
+
+def test_sample_accuracy_of_a_trained_folder_counts_each_class(tmp_path, monkeypatch):
+    """load_model_from reads what train_testbed wrote; sample_accuracy classifies the samples per class (the
+    classifier is replaced by one that answers from the image's mean pixel, so the expected hits are known)."""
+    import eoc_dit.testbed as tb
+
+    images = torch.rand(16, 1, 28, 28) * 2 - 1
+    labels = torch.randint(0, 10, (16,))
+    train_testbed(TrainConfig(hidden_size=32, depth=1, num_heads=2, iterations=1, batch_size=8, warmup=1),
+                  str(tmp_path), images=images, labels=labels, progress=False)
+    model = tb.load_model_from(str(tmp_path))
+
+    class Answers(torch.nn.Module):  # predicts class 3 for every image
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((x.shape[0],), 3), 10).float()
+
+    monkeypatch.setattr(tb, "_classifier", lambda: Answers())
+    result = tb.sample_accuracy(model, 20, num_steps=2, batch_size=7)
+    assert result["per_class"]["Dress"] == 1.0 and result["overall"] == 0.1
+    assert sum(result["per_class"].values()) == 1.0 and len(result["mean_pixel_per_class"]) == 10
+    assert all(-1.0 <= v <= 1.0 for v in result["mean_pixel_per_class"].values())
+    with pytest.raises(ValueError, match="num_samples must be an int >= the number of classes"):
+        tb.sample_accuracy(model, 5)
+    with pytest.raises(FileNotFoundError, match="MODEL_CARD.json does not exist"):
+        tb.load_model_from(str(tmp_path / "elsewhere"))

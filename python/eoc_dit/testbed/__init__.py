@@ -32,12 +32,17 @@ from .classifier import (
     feature_statistics,
     frechet_distance,
 )
+from .data import CLASSES
 from .train import CARD_NAME, CHECKPOINT_NAME, TrainConfig
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 __all__ = ["ASSETS", "load_model", "load_prior", "model_card", "features", "fd", "fd_to_data", "classifier_accuracy",
-           "image_psnrs", "psnr"]
+           "image_psnrs", "psnr", "load_model_from", "sample_accuracy", "ACCURACY_SEED_BASE"]
+
+#: Seeds of the sample-accuracy check of a trained testbed (the model card's figure): disjoint from the
+#: calibration seeds (0-39) and the evaluation seed sets (100000+, 200000+).
+ACCURACY_SEED_BASE = 300_000
 
 #: PSNR given to identical images (an MSE of 0), so that one exact match cannot make a mean infinite.
 PSNR_IDENTICAL = 100.0
@@ -80,6 +85,48 @@ def load_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.fl
         raise InputValueError(f"shipped testbed checkpoint does not match its model card: "
                               f"{str(exc).splitlines()[0]}") from None
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model_from(folder: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A testbed DiT written by ``eoc train-testbed --out folder`` (its MODEL_CARD.json and testbed_dit.pt)."""
+    card_path, weights_path = os.path.join(folder, CARD_NAME), os.path.join(folder, CHECKPOINT_NAME)
+    for path in (card_path, weights_path):
+        if not os.path.isfile(path):
+            raise InputFileNotFoundError(f"{path} does not exist (train with 'eoc train-testbed --out {folder}')")
+    with open(card_path) as f:
+        config = TrainConfig(**json.load(f)["config"])
+    model = config.build_model()
+    try:
+        model.load_state_dict({k: v.float() for k, v in _load_state(weights_path).items()})
+    except (RuntimeError, AttributeError) as exc:
+        raise InputValueError(f"{weights_path} does not match its model card: {str(exc).splitlines()[0]}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def sample_accuracy(model, num_samples: int = 1000, *, cfg_scale: float = 3.0, num_steps: int = 20,
+                    batch_size: int = 500, seed_base: int = ACCURACY_SEED_BASE) -> dict:
+    """Whether the model draws every class: ``num_samples`` uncached DDIM samples (labels cycling through
+    the classes, one seed each from ``seed_base``), classified by the shipped classifier.
+
+    Returns {"overall": accuracy, "per_class": {class name: accuracy}, "mean_pixel_per_class": {...},
+    "num_samples", "cfg_scale", "num_steps", "seed_base"} (a blank class shows as mean pixel near −1)."""
+    from ..diffusion import DDIMSampler
+    from .demo import demo_batch
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < model.num_classes:
+        raise InputValueError(f"num_samples must be an int >= the number of classes ({model.num_classes}), "
+                              f"got {num_samples!r}")
+    noise, labels = demo_batch(model, num_samples, seed_base)
+    sampler = DDIMSampler(num_steps)
+    images = torch.cat([sampler.sample(model, noise[i : i + batch_size], labels[i : i + batch_size],
+                                       cfg_scale=cfg_scale, progress=False)
+                        for i in range(0, num_samples, batch_size)]).clamp(-1, 1)
+    hits = (batched(_classifier(), _check_images(images)).argmax(1) == labels).double()
+    per_class = {name: round(float(hits[labels == c].mean()), 4) for c, name in enumerate(CLASSES)}
+    pixels = {name: round(float(images[labels == c].mean()), 4) for c, name in enumerate(CLASSES)}
+    return {"overall": round(float(hits.mean()), 4), "per_class": per_class, "mean_pixel_per_class": pixels,
+            "num_samples": num_samples, "cfg_scale": cfg_scale, "num_steps": num_steps, "seed_base": seed_base}
 
 
 def load_prior(num_steps: int = 20):
