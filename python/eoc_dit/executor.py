@@ -12,6 +12,9 @@ the plan (``planner.Plan``) says:
 
 A :class:`StepStrategy` may hand in the coefficients of a step instead (closed-loop fitting); the
 step then runs branch by branch with ``eoc_kernels.reference.corrected_feature``.
+
+Coefficients are (α, β₁, γ[, β₂[, β₃]]) (issue 10, K-history correction): β_i reads C_i, the i-th
+computed feature before the latest, kept in generation (g − i) % G of the cache ring.
 """
 
 from __future__ import annotations
@@ -24,23 +27,27 @@ import eoc_kernels
 from .adapters import ModelAdapter
 from .config import EOCConfig
 from .feature_cache import FeatureCache
-from .planner import EntryPlan, Plan, SegmentPlan
+from .planner import EntryPlan, Plan, SegmentPlan, history_reads
 from .prior import Prior
 from .prior_terms import DELTA, TREND, PriorTerms
+
+_HISTORY_ARGS = ("prev", "prev2", "prev3")  # C_1, C_2, C_3 of cached_branch / corrected_feature
 
 
 class StepStrategy:
     """Replaces the plan's coefficients of each step that has a reuse entry (closed-loop fitting).
 
     ``step_coefficients(context)`` is called before the step's forward with a :class:`StepContext`
-    and returns {(block, branch): (α, β, γ)} for every reuse entry of the step; the step then runs
-    branch by branch with ``eoc_kernels.reference.corrected_feature`` of those coefficients.
-    ``two_generations``: the cache keeps Cp even where the plan reads none.
+    and returns {(block, branch): (α, β₁, γ[, β₂[, β₃]])} (3 to 5 numbers) for every reuse entry of the
+    step; the step then runs branch by branch with ``eoc_kernels.reference.corrected_feature`` of those
+    coefficients. β_i needs C_i: i < ``num_generations`` and i computed features before the latest.
+    ``num_generations`` (1..4): how many computed features per entry the cache keeps (C_0..C_{G−1}) even
+    where the plan reads fewer; the default 2 keeps C_0 and C_1.
     """
 
-    two_generations = True
+    num_generations = 2
 
-    def step_coefficients(self, context: StepContext) -> dict[tuple[int, int], tuple[float, float, float]]:
+    def step_coefficients(self, context: StepContext) -> dict[tuple[int, int], tuple[float, ...]]:
         raise NotImplementedError
 
 
@@ -61,17 +68,23 @@ class StepContext:
     def entry(self, block: int, branch: int) -> EntryPlan:
         return self._executor.plan.entry(self.step, block, branch)
 
+    def history(self, block: int, branch: int) -> list[torch.Tensor]:
+        """[C_0, C_1, ...]: this run's features of the entry at its compute steps ``entry(block,
+        branch).history``, latest first, each [B, N, C], as many as the entry has computed and the cache
+        keeps (at most the strategy's ``num_generations``). They are cache slots: copy what you keep."""
+        entry, plan, cache = self.entry(block, branch), self._executor.plan, self._executor.cache
+        kept = min(len(entry.history), plan.num_generations)
+        return [cache.feature(plan.generation_of(entry, j), block, branch) for j in range(kept)]
+
     def cached(self, block: int, branch: int) -> torch.Tensor:
-        """Cc, this run's feature at the entry's source step, [B, N, C]."""
+        """C_0, this run's feature at the entry's source step, [B, N, C]."""
         return self._executor.cache.feature(self.entry(block, branch).generation, block, branch)
 
     def previous(self, block: int, branch: int) -> torch.Tensor | None:
-        """Cp, this run's feature at the compute step before the source; None when there is none, or when
-        the cache keeps one generation (a strategy with ``two_generations = False``)."""
-        entry = self.entry(block, branch)
-        if entry.previous is None or self._executor.plan.num_generations == 1:  # one generation keeps no Cp
-            return None
-        return self._executor.cache.feature(1 - entry.generation, block, branch)
+        """C_1, this run's feature at the compute step before the source; None when there is none, or when
+        the cache keeps one generation (a strategy with ``num_generations = 1``)."""
+        history = self.history(block, branch)
+        return history[1] if len(history) > 1 else None
 
     def prior_term(self, term: int, block: int, branch: int, like: torch.Tensor) -> torch.Tensor | None:
         """The prior's D (``term`` = 0) or E (2) of the entry, [H, N, C]; None without a prior."""
@@ -107,7 +120,7 @@ class PlanExecutor:
             self._gate_bias = torch.cat([b for _, b in rows])
         self._step_gates = None  # gates [B, L, 2, C] of the forward being run
         self._recording = None  # {(block, branch): feature} of an uncached pass being recorded
-        self.step_coef = None  # {(block, branch): (α, β, γ)} a strategy chose for the step being run
+        self.step_coef = None  # {(block, branch): coef} a strategy chose for the step being run
 
     # ----------------------------------------------------------------------------- plan and step
     def set_plan(self, plan: Plan, *, extends_run: bool = False) -> None:
@@ -184,16 +197,30 @@ class PlanExecutor:
                                          token_threshold=self.token_threshold, backend=self.backend)
 
     def _strategy_branch(self, step, index, branch, x, gate):
-        """A reused branch with the coefficients a strategy chose for this step: ``corrected_feature``."""
+        """A reused branch with the coefficients a strategy chose for this step: ``corrected_feature`` with
+        C_1..C_i for the largest non-zero β_i."""
         entry = self.plan.entry(step, index, branch)
-        alpha, beta, gamma = coef = self.step_coef[(index, branch)]
-        prev = self.cache.feature(1 - entry.generation, index, branch) if beta else None
+        coef = tuple(self.step_coef[(index, branch)])
+        if not 3 <= len(coef) <= 5:
+            raise ValueError(f"the strategy's coefficients of entry (step {step}, block {index}, branch {branch}) "
+                             f"must be 3 to 5 numbers (alpha, beta1, gamma[, beta2[, beta3]]), got {coef}")
+        reads = history_reads(coef)
+        if reads >= min(len(entry.history), self.plan.num_generations):
+            raise ValueError(f"the strategy's coefficients {coef} of entry (step {step}, block {index}, branch "
+                             f"{branch}) read C_{reads}, but the entry has {len(entry.history)} computed features "
+                             f"and the cache keeps {self.plan.num_generations} (StepStrategy.num_generations)")
+        alpha, gamma = coef[0], coef[2]
         delta = self.prior_terms.entry(DELTA, step, entry, index, branch, x) if alpha else None
         trend = self.prior_terms.entry(TREND, step, entry, index, branch, x) if gamma else None
         feature = eoc_kernels.reference.corrected_feature(
-            self.cache.feature(entry.generation, index, branch), prev=prev, delta=delta, trend=trend,
-            coef=coef).to(x.dtype)
+            self.cache.feature(entry.generation, index, branch), **self._history_arguments(entry, index, branch, reads),
+            delta=delta, trend=trend, coef=coef).to(x.dtype)
         return x + gate.unsqueeze(1) * feature
+
+    def _history_arguments(self, entry: EntryPlan, block: int, branch: int, reads: int) -> dict:
+        """{"prev": C_1, "prev2": C_2, "prev3": C_3} up to C_reads (the others absent)."""
+        return {name: self.cache.feature(self.plan.generation_of(entry, j), block, branch)
+                for j, name in zip(range(1, reads + 1), _HISTORY_ARGS)}
 
     def _recording_forward(self, index, block, x, c):
         """A block computing both branches, as the original, and recording their outputs."""
@@ -207,13 +234,12 @@ class PlanExecutor:
 
     # ----------------------------------------------------------------------------- op arguments
     def _branch_arguments(self, step: int, block: int, branch: int, like: torch.Tensor) -> dict:
-        """Keyword arguments of ``cached_branch`` for one reuse entry; a zero coefficient passes None."""
+        """Keyword arguments of ``cached_branch`` for one reuse entry: C_1..C_i up to the largest non-zero β_i;
+        a zero α or γ passes None."""
         entry = self.plan.entry(step, block, branch)
-        alpha, beta, gamma = entry.coef
-        args = {"cache": self.cache.feature(entry.generation, block, branch), "prev": None, "delta": None,
-                "trend": None, "coef": entry.coef}
-        if beta != 0.0:
-            args["prev"] = self.cache.feature(1 - entry.generation, block, branch)
+        alpha, gamma = entry.coef[0], entry.coef[2]
+        args = {"cache": self.cache.feature(entry.generation, block, branch), "delta": None, "trend": None,
+                "coef": entry.coef, **self._history_arguments(entry, block, branch, entry.reads)}
         if alpha != 0.0:
             args["delta"] = self.prior_terms.entry(DELTA, step, entry, block, branch, like)
         if gamma != 0.0:
@@ -221,8 +247,9 @@ class PlanExecutor:
         return args
 
     def _segment_arguments(self, segment: SegmentPlan, like: torch.Tensor) -> tuple:
-        """(generation [S, 2], coef [S, 2, 3] or None, delta, trend) of a segment on ``like``'s device,
-        built once per plan, device and dtype: no host sync afterwards."""
+        """(generation [S, 2], coef [S, 2, P] or None, delta, trend) of a segment on ``like``'s device, built
+        once per plan, device and dtype: no host sync afterwards. P is the longest entry coef of the
+        segment, the others padded with zeros (a zero β_i does not read its generation)."""
         key = (segment.step, segment.start, like.device, like.dtype)
         args = self._segment_args.get(key)
         if args is None:
@@ -230,8 +257,9 @@ class PlanExecutor:
             generation = torch.tensor([e.generation for e in segment.entries], dtype=torch.int32).view(S, 2)
             coef = delta = trend = None
             if segment.corrected:
-                coef = torch.tensor([e.coef for e in segment.entries],
-                                    dtype=torch.float32).view(S, 2, 3).to(like.device)
+                P = segment.num_coefs
+                coef = torch.tensor([e.coef + (0.0,) * (P - len(e.coef)) for e in segment.entries],
+                                    dtype=torch.float32).view(S, 2, P).to(like.device)
                 delta = self.prior_terms.segment(DELTA, segment, like) if segment.uses(DELTA) else None
                 trend = self.prior_terms.segment(TREND, segment, like) if segment.uses(TREND) else None
             args = self._segment_args[key] = (generation.to(like.device), coef, delta, trend)

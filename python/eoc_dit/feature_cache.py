@@ -3,21 +3,25 @@
 The buffer is [G, L, 2, B, N, C] (generation, block, branch, then the branch output's own shape):
 a computing branch writes its output (before the gate) straight into its slot, from its last
 matmul, so caching costs no copy; a run of consecutive reused blocks is served by ONE op reading
-the view ``buffer[:, start:stop]``. Which generation holds what is the plan's business
-(``planner.Plan``): with G = 2 the generations flip by index, never by copy.
+the view ``buffer[:, start:stop]``. The G in 1..4 generations are a ring: the c-th computed output of
+entry (l, k) goes to generation c % G, so an entry keeps its last G computed features C_0..C_{G−1}
+(issue 10, K-history correction). Which generation holds what is the plan's business
+(``planner.Plan``): generations turn by index, never by copy.
 """
 
 from __future__ import annotations
 
 import torch
 
+MAX_GENERATIONS = 4  # C_0..C_3: the K <= 3 history differences of eoc_kernels.reference.MAX_HISTORY
+
 
 class FeatureCache:
     """The buffer [G, L, 2, B, N, C] of one run, allocated at the run's first computed branch."""
 
     def __init__(self, num_generations: int, num_blocks: int):
-        if num_generations not in (1, 2):
-            raise ValueError(f"num_generations must be 1 or 2, got {num_generations}")
+        if num_generations not in range(1, MAX_GENERATIONS + 1):
+            raise ValueError(f"num_generations must be in 1..{MAX_GENERATIONS}, got {num_generations}")
         self.num_generations = num_generations
         self.num_blocks = num_blocks
         self.buffer: torch.Tensor | None = None

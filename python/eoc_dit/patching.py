@@ -6,8 +6,8 @@ The work is split by job:
 
 - the plan (``planner.make_plan``, pure): what every (step, block, branch) entry does — compute, or
   reuse with which source step, cache generation and coefficients (after the offline judgment);
-- the feature cache (``feature_cache.FeatureCache``): the stacked buffer [G, L, 2, B, N, C] that
-  computing branches write into and reused ones read;
+- the feature cache (``feature_cache.FeatureCache``): the stacked buffer [G, L, 2, B, N, C], a ring of
+  G in 1..4 generations, that computing branches write into and reused ones read;
 - the executor (``executor.PlanExecutor``): runs each block call by the plan (a computing branch
   into its cache slot, ONE ``cached_segment`` per run of fully reused blocks with the gates of the
   step from ONE matmul, ``cached_branch`` for a half-reused block);
@@ -35,7 +35,7 @@ from .adapters import DiTAdapter, ModelAdapter
 from .config import EOCConfig
 from .errors import InputTypeError, InputValueError
 from .executor import PlanExecutor, StepContext, StepStrategy
-from .feature_cache import FeatureCache
+from .feature_cache import MAX_GENERATIONS, FeatureCache
 from .planner import Plan, make_plan
 from .prior import Prior
 from .prior_terms import PriorTerms
@@ -113,6 +113,10 @@ class EOCHandle:
         if strategy is not None and not isinstance(strategy, StepStrategy):
             raise InputTypeError(f"strategy must be an eoc_dit.patching.StepStrategy or None, "
                                  f"got {type(strategy).__name__}")
+        if strategy is not None and (isinstance(strategy.num_generations, bool)
+                                     or strategy.num_generations not in range(1, MAX_GENERATIONS + 1)):
+            raise InputValueError(f"strategy.num_generations must be an int in 1..{MAX_GENERATIONS} (computed "
+                                  f"features kept per entry), got {strategy.num_generations!r}")
         if config is not None and config.needs_prior and prior is None:
             raise InputValueError(f"EOCConfig(mode={config.mode!r}) needs a prior: pass prior=Prior.load(...) "
                                   "or use mode='extrapolate'")
@@ -195,9 +199,9 @@ class EOCHandle:
                                       "the default with a prior): fit them with eoc_dit.fit_coefficients(...) and "
                                       "prior.add_fit(fit) ('eoc fit'), or pass another config, "
                                       "e.g. EOCConfig(mode='extrapolate')")
-        two_generations = self.strategy is not None and self.strategy.two_generations
+        generations = self.strategy.num_generations if self.strategy is not None else 1
         plan = make_plan(mask, self.config, self.prior, fit, sequential_blocks=self.adapter.sequential_blocks,
-                         two_generations=two_generations)
+                         min_generations=generations)
         self.executor.set_plan(plan, extends_run=extends_run)
 
     def _plan_for_run(self, num_steps: int | None) -> None:

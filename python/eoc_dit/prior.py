@@ -16,7 +16,8 @@ A :class:`Prior` holds what uncached calibration runs (``calibration.calibrate``
 - ``fits``: coefficients fitted in closed loop for given schedules (``fitting.fit_coefficients``).
 
 A prior is stored as one safetensors file (no pickle): ``mean`` in fp16/bf16/fp32, the fp32
-statistics and the fitted coefficients (``fit.<i>.mask`` uint8 0/1, ``fit.<i>.coef`` fp32), plus three
+statistics and the fitted coefficients (``fit.<i>.mask`` uint8 0/1, ``fit.<i>.coef`` fp32 [T, L, 2, P] with
+P in {3, 4, 5}: (α, β₁, γ[, β₂[, β₃]]), P = 3 in every file written before the K-history correction), plus three
 safetensors metadata strings: ``eoc_prior`` (JSON object of :class:`PriorMetadata`), ``eoc_fits`` (JSON
 list of the fits' info dicts) and ``eoc_checksum`` (``"sha256:<hex>"`` of both strings and every
 tensor's name, dtype, shape and bytes, see :func:`_checksum`).
@@ -33,12 +34,14 @@ file and the fault:
 - tensors: dtype and shape as the metadata says; ``mean`` and the coefficients finite; the statistics
   NaN exactly where a gap reaches before step 0 and finite elsewhere, the squared norms
   (energy, err_plain, sq_delta, sq_trend) non-negative; fit masks 0/1, all-compute at step 0, one
-  fit per mask;
+  fit per mask, fit coefficients [T, L, 2, P] with P in {3, 4, 5};
 - the checksum, when present, must match. ``save`` always writes it; files without it (written
   before it existed, such as the shipped testbed prior, or by hand) still load, with the checks
   above only: there, a flipped bit that leaves valid values cannot be told from a real prior.
 
-``FORMAT_VERSION`` stays 1: the checksum is an optional key that older readers ignore.
+``FORMAT_VERSION`` stays 1: the checksum is an optional key that older readers ignore. A fit with P = 4 or 5
+coefficients is refused by a reader older than the K-history correction (its coef shape check), and
+every earlier file (P = 3) loads unchanged.
 
 **Storage choices** (``prior_storage``, docs/DESIGN.md §4.10): a fourth optional metadata string,
 ``eoc_storage``, JSON ``{"means": <storage>, "statistics": true|false}``, says how the file stores its
@@ -77,6 +80,8 @@ from .prior_storage import (
 FORMAT_VERSION = 1
 STAT_NAMES = ("energy", "err_plain", "cross_delta", "sq_delta", "cross_trend", "sq_trend", "cross_extrap")
 STORAGE_DTYPES = DENSE_DTYPES  # the dense storages of ``mean``
+# P of a fit's coef [T, L, 2, P]: (alpha, beta1, gamma[, beta2[, beta3]]); P = 3 is the original layout.
+FIT_COEF_LENGTHS = (3, 4, 5)
 _META_KEY = "eoc_prior"
 _FITS_KEY = "eoc_fits"
 _CHECKSUM_KEY = "eoc_checksum"
@@ -296,9 +301,9 @@ class Prior:
     def add_fit(self, fit: CoefficientFit) -> None:
         """Keep ``fit``, replacing an earlier fit for the same schedule mask."""
         T, L = self.num_steps, self.num_blocks
-        if tuple(fit.mask.shape) != (T, L, 2) or tuple(fit.coef.shape) != (T, L, 2, 3):
+        if tuple(fit.mask.shape) != (T, L, 2) or tuple(fit.coef.shape[:3]) != (T, L, 2):
             raise InputValueError(f"fit shapes mask {list(fit.mask.shape)} / coef {list(fit.coef.shape)} do not match "
-                             f"the prior's T = {T}, L = {L}")
+                                  f"the prior's T = {T}, L = {L}")
         self.fits = [f for f in self.fits if not torch.equal(f.mask, fit.mask)] + [fit]
 
     def __getattr__(self, name):
@@ -375,9 +380,15 @@ class Prior:
         return self._stat("err_plain", step, block, branch, step - source)
 
     def corrected_error(self, step: int, source: int, previous: int | None, block: int, branch: int,
-                        coef: tuple[float, float, float]) -> float:
-        """E||F[t] − F̂||² for a correction with one non-zero coefficient (every preset has one)."""
-        alpha, beta, gamma = coef
+                        coef: tuple[float, ...]) -> float:
+        """E||F[t] − F̂||² for a correction with one non-zero coefficient among α, β₁, γ (the statistics do
+        not cover β₂ or β₃, which read C_2 and C_3). coef: (α, β₁, γ[, β₂[, β₃]])."""
+        if not 3 <= len(coef) <= 5:
+            raise InputValueError(f"corrected_error takes a coef of length 3..5, got {coef}")
+        if any(c != 0.0 for c in coef[3:]):
+            raise InputValueError(f"corrected_error: the judgment statistics cover α, β₁ and γ only, got {coef} "
+                                  "(β₂ or β₃ non-zero)")
+        alpha, beta, gamma = coef[:3]
         if sum(c != 0.0 for c in coef) != 1:
             raise InputValueError(f"corrected_error takes exactly one non-zero coefficient, got {coef}")
         gap = step - source
@@ -508,15 +519,31 @@ class Prior:
 
 @dataclass
 class CoefficientFit:
-    """Coefficients (α, β, γ) per (step, block, branch), fitted for one schedule (``fitting.py``).
+    """Coefficients (α, β₁, γ[, β₂[, β₃]]) per (step, block, branch), fitted for one schedule (``fitting.py``).
 
-    mask: bool [T, L, 2] of the schedule; coef: float32 [T, L, 2, 3] (zeros where the judgment
+    mask: bool [T, L, 2] of the schedule; coef: float [T, L, 2, P] with P in {3, 4, 5} (P = 3 is the
+    three-term layout of every file written before the K-history correction; zeros where the judgment
     disabled the entry, and at compute entries); info: how it was fitted (JSON-able dict).
+    Construction checks the shapes (InputValueError / InputTypeError).
     """
 
     mask: torch.Tensor
     coef: torch.Tensor
     info: dict
+
+    def __post_init__(self):
+        if not isinstance(self.mask, torch.Tensor) or not isinstance(self.coef, torch.Tensor):
+            raise InputTypeError(f"CoefficientFit: mask and coef must be tensors, got {type(self.mask).__name__} / "
+                                 f"{type(self.coef).__name__}")
+        if self.mask.dim() != 3 or self.mask.shape[2] != 2:
+            raise InputValueError(f"CoefficientFit: mask must be [T, L, 2], got {list(self.mask.shape)}")
+        if (self.coef.dim() != 4 or tuple(self.coef.shape[:3]) != tuple(self.mask.shape)
+                or self.coef.shape[3] not in FIT_COEF_LENGTHS):
+            raise InputValueError(f"CoefficientFit: coef must be [T, L, 2, P] = {list(self.mask.shape)} + [P] with "
+                                  f"P in {FIT_COEF_LENGTHS} (alpha, beta1, gamma[, beta2[, beta3]]), "
+                                  f"got {list(self.coef.shape)}")
+        if not self.coef.is_floating_point():
+            raise InputTypeError(f"CoefficientFit: coef must be a floating-point tensor, got {self.coef.dtype}")
 
 
 # ---------------------------------------------------------------------- file validation
@@ -727,9 +754,10 @@ def _validate(tensors: dict, raw_meta: str, infos: list[dict], source: str,
         if mask.dtype not in (torch.uint8, torch.bool) or coef.dtype != torch.float32:
             raise InputValueError(f"{what} mask/coef dtypes {mask.dtype}/{coef.dtype}, "
                                   "the format has uint8 (or bool)/float32")
-        if tuple(mask.shape) != (T, L, 2) or tuple(coef.shape) != (T, L, 2, 3):
+        if (tuple(mask.shape) != (T, L, 2) or coef.dim() != 4 or tuple(coef.shape[:3]) != (T, L, 2)
+                or coef.shape[3] not in FIT_COEF_LENGTHS):
             raise InputValueError(f"{what} shapes mask {list(mask.shape)} / coef {list(coef.shape)} do not match "
-                                  f"the prior's T = {T}, L = {L}")
+                                  f"the prior's T = {T}, L = {L} (coef [T, L, 2, P], P in {FIT_COEF_LENGTHS})")
         if mask.dtype == torch.uint8 and (mask > 1).any():
             raise InputValueError(f"{what} the mask holds {int(mask.max())}: "
                                   "a schedule mask is 0 (reuse) or 1 (compute)")

@@ -77,6 +77,33 @@ class FORASchedule(Schedule):
         return f"FORASchedule(interval={self.interval}, warmup={self.warmup})"
 
 
+class TaylorSeerSchedule(FORASchedule):
+    """TaylorSeer's default schedule: ``warmup_steps`` full steps (their ``first_enhance``, default 2), then one
+    full step every ``interval`` (their ``interval``, default 4 in TaylorSeer-DiT's ``sample.py``).
+
+    As their code runs it (ywlq/TaylorSeer at 19c6783, a copy of Shenyi-Z/TaylorSeer:
+    ``TaylorSeer-DiT/cache_functions/cal_type.py`` lines 5-17, ``cache_init.py`` lines 21-22): a step is
+    full when it is one of the first ``first_enhance`` steps or when ``cache_counter == interval − 1``;
+    every full step resets the counter, every other step adds one. The last warm-up step therefore starts
+    the first period: full steps are t < W and t = W − 1 + j·N (steps counted up from 0), e.g. 0, 1, 5,
+    9, ... for W = 2, N = 4. That is ``FORASchedule(N, warmup=W − 1)``, NOT ``FORASchedule(N, warmup=W)``
+    (which computes 0, 1, 2, 6, ...). Attributes: ``interval``, ``warmup_steps`` and FORA's ``warmup``
+    (= W − 1).
+
+    diffusers' ``TaylorSeerCacheConfig`` (``hooks/taylorseer_cache.py``, ``_measure_should_compute``) runs
+    another phase: full when ``t < disable_cache_before_step`` or ``(t − disable_cache_before_step − 1) %
+    cache_interval == 0``, so its step ``disable_cache_before_step`` is predicted and the next one full
+    (0, 1, 2, 4, 9, ... for 3 and 5); a ``MaskSchedule`` expresses it.
+    """
+
+    def __init__(self, interval: int, warmup_steps: int = 2):
+        self.warmup_steps = _check_positive_int(warmup_steps, "warmup_steps", minimum=1)
+        super().__init__(interval, warmup=warmup_steps - 1)
+
+    def __repr__(self) -> str:
+        return f"TaylorSeerSchedule(interval={self.interval}, warmup_steps={self.warmup_steps})"
+
+
 class MaskSchedule(Schedule):
     """Any user mask, bool [T, L, 2] (True = compute), e.g. a Learning-to-Cache router turned into a mask."""
 

@@ -5,6 +5,21 @@ import torch
 
 from eoc_dit import EOCConfig, FORASchedule, MaskSchedule
 from eoc_dit.planner import make_plan
+from eoc_dit.schedules import TaylorSeerSchedule
+
+
+def taylorseer_full_steps(num_steps, interval, first_enhance):
+    """TaylorSeer-DiT's cal_type run step by step: steps count down from num_steps − 1, a step is full in the
+    first first_enhance steps or when the counter reaches interval − 1. Returned in sampling order (t = 0 first)."""
+    counter, full = 0, []
+    for step in reversed(range(num_steps)):
+        if step > num_steps - first_enhance - 1 or counter == interval - 1:
+            counter = 0
+            full.append(True)
+        else:
+            counter += 1
+            full.append(False)
+    return full
 
 
 def test_fora_mask_pattern():
@@ -17,6 +32,25 @@ def test_fora_mask_pattern():
 def test_fora_warmup_counts_from_warmup():
     assert FORASchedule(3, warmup=2).mask(9, 1)[:, 0, 0].tolist() == [True, True, True, False, False, True,
                                                                        False, False, True]
+
+
+@pytest.mark.parametrize("interval", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("first_enhance", [1, 2, 3])
+def test_taylorseer_schedule_is_their_cal_type(interval, first_enhance):
+    schedule = TaylorSeerSchedule(interval, warmup_steps=first_enhance)
+    assert schedule.mask(20, 1)[:, 0, 0].tolist() == taylorseer_full_steps(20, interval, first_enhance)
+    assert torch.equal(schedule.mask(20, 2), FORASchedule(interval, warmup=first_enhance - 1).mask(20, 2))
+    assert schedule.prefix_stable and repr(schedule) == f"TaylorSeerSchedule(interval={interval}, " \
+                                                         f"warmup_steps={first_enhance})"
+
+
+def test_taylorseer_default_is_not_fora_warmup_2():
+    # "2 full warm-up steps, then one every N" as TaylorSeer runs it: 0, 1, then 1 + 4j.
+    assert [t for t, full in enumerate(TaylorSeerSchedule(4).mask(12, 1)[:, 0, 0].tolist()) if full] == [0, 1, 5, 9]
+    assert [t for t, full in enumerate(FORASchedule(4, warmup=2).mask(12, 1)[:, 0, 0].tolist()) if full] == [0, 1, 2,
+                                                                                                              6, 10]
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TaylorSeerSchedule(4, warmup_steps=0)
 
 
 def test_fora_caching_level():
@@ -70,13 +104,18 @@ def test_mask_schedule_bad_arguments():
 
 
 def test_presets_coefficients():
-    assert EOCConfig(mode="delta", theta=0.5).coefficients(5, 3, 0) == (0.5, 0.0, 0.0)
-    assert EOCConfig(mode="trend", theta=0.2).coefficients(5, 3, 0) == (0.0, 0.0, 0.2)
+    assert EOCConfig(mode="delta", theta=0.5).coefficients(5, (3, 0)) == (0.5, 0.0, 0.0)
+    assert EOCConfig(mode="trend", theta=0.2).coefficients(5, (3, 0)) == (0.0, 0.0, 0.2)
     # extrapolate: β = θ (t − s) / (s − p)
-    assert EOCConfig(mode="extrapolate", theta=1.0).coefficients(5, 3, 0) == (0.0, pytest.approx(2 / 3), 0.0)
-    assert EOCConfig(mode="extrapolate").coefficients(2, 0, None) == (0.0, 0.0, 0.0)  # no earlier compute step
+    assert EOCConfig(mode="extrapolate", theta=1.0).coefficients(5, (3, 0)) == (0.0, pytest.approx(2 / 3), 0.0)
+    assert EOCConfig(mode="extrapolate").coefficients(2, (0,)) == (0.0, 0.0, 0.0)  # no earlier compute step
     assert EOCConfig(mode="trend").effective_theta == 0.2 and EOCConfig(mode="delta").effective_theta == 1.0
     assert EOCConfig(mode="trend").needs_prior and not EOCConfig(mode="extrapolate").needs_prior
+    assert not EOCConfig(mode="taylorseer").needs_prior and not EOCConfig(mode="hicache").needs_prior
+    with pytest.raises(ValueError, match="latest first"):
+        EOCConfig(mode="extrapolate").coefficients(5, (0, 3))
+    with pytest.raises(ValueError, match="at least one"):
+        EOCConfig(mode="extrapolate").coefficients(5, ())
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
