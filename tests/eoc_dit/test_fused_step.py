@@ -8,6 +8,7 @@ import torch
 
 import eoc_kernels
 from eoc_dit import DDIMSampler, DiTAdapter, DiTBlockAdapter, EOCConfig, FORASchedule, MaskSchedule, apply_eoc
+from eoc_dit.schedules import TaylorSeerSchedule
 from tests.eoc_dit.tiny import make_tiny_dit
 
 STEPS = 7
@@ -122,3 +123,24 @@ def test_triton_backend_matches_the_reference_backend(model, inputs, config):
     reference = sample(model, inputs, FORASchedule(3), dataclasses.replace(config, backend="torch"))
     fused = sample(model, inputs, FORASchedule(3), dataclasses.replace(config, backend="triton"))
     torch.testing.assert_close(fused, reference, atol=1e-4 * reference.abs().max(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_forecaster_step_is_one_segment_over_the_ring(model, inputs, monkeypatch, order):
+    # TaylorSeer of order O under its default schedule (full steps 0, 1, 3, 5): every cached step is still
+    # ONE segment pass, over a ring of O + 1 generations, with coef [S, 2, P] as wide as the step's longest
+    # coefficient tuple (P = 2 + the history differences the step's entries read so far).
+    segment = Counter(eoc_kernels.cached_segment)
+    monkeypatch.setattr(eoc_kernels, "cached_segment", segment)
+    with apply_eoc(model, TaylorSeerSchedule(2), config=EOCConfig(mode="taylorseer", order=order)) as handle:
+        DDIMSampler(STEPS).sample(model, *inputs, cfg_scale=2.0)
+        plan, buffer = handle.plan, handle.cache.buffer
+        assert plan.num_generations == order + 1 and buffer.shape[0] == order + 1
+    reuse_steps = [t for t in range(STEPS) if not plan.computes(t, 0, 0)]
+    assert len(segment.calls) == len(reuse_steps) == 3  # steps 2, 4, 6
+    for t, (args, kwargs) in zip(reuse_steps, segment.calls):
+        x, gates, cache, generation = args
+        assert cache.shape[0] == order + 1 and cache.data_ptr() == buffer.data_ptr()
+        computed = len(plan.entry(t, 0, 0).history)
+        assert kwargs["coef"].shape == (4, 2, 2 + min(order, computed - 1))
+        assert generation.tolist() == [[(computed - 1) % (order + 1)] * 2] * 4

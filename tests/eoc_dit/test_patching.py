@@ -14,9 +14,11 @@ from eoc_dit import (
     noise_for_seed,
     remove_eoc,
 )
+from eoc_dit.executor import StepStrategy
 from eoc_dit.models import modulate
+from eoc_dit.patching import EOCHandle
 from eoc_dit.prior import Prior
-from eoc_dit.schedules import Schedule
+from eoc_dit.schedules import Schedule, TaylorSeerSchedule
 from tests.eoc_dit.tiny import make_tiny_dit
 
 STEPS = 9
@@ -424,3 +426,59 @@ def test_default_config_is_one_rule(model, prior):
         assert handle.config is None  # no prior: plain caching
     with pytest.raises(ValueError, match="needs a prior"):
         apply_eoc(model, FORASchedule(3), config=EOCConfig())
+
+
+# ------------------------------------------------------------------------------------------ strategies
+class ForecastingStrategy(StepStrategy):
+    """Hands in a preset's coefficients step by step, checking what StepContext.history shows on the way."""
+
+    def __init__(self, config, observed, num_generations):
+        self.config, self.observed, self.num_generations = config, observed, num_generations
+        self.entries_seen = 0
+
+    def step_coefficients(self, context):
+        coefficients = {}
+        for l, k in context.reuse_entries:
+            entry = context.entry(l, k)
+            history = context.history(l, k)
+            assert len(history) == min(len(entry.history), self.num_generations)
+            for s, feature in zip(entry.history, history):  # C_j is this run's feature at the step s_j
+                assert torch.equal(feature, self.observed[(s, l, k)])
+            assert context.cached(l, k) is not None and torch.equal(context.cached(l, k), history[0])
+            assert (context.previous(l, k) is None) == (len(history) < 2)
+            coefficients[(l, k)] = self.config.coefficients(context.step, entry.history)
+            self.entries_seen += 1
+        return coefficients
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_strategy_history_and_coefficients_equal_the_fused_preset(model, inputs, order):
+    config = EOCConfig(mode="taylorseer", order=order)
+    schedule = TaylorSeerSchedule(2)
+    fused = run(model, inputs, schedule, config=config)
+    observed = {}
+
+    def observer(step, block, branch, feature):
+        observed[(step, block, branch)] = feature.clone()
+
+    strategy = ForecastingStrategy(config, observed, num_generations=4)
+    with EOCHandle(model, schedule, observer=observer, strategy=strategy) as handle:
+        branchwise = DDIMSampler(STEPS).sample(model, *inputs, cfg_scale=2.0)
+        assert handle.plan.num_generations == 4 and handle.cache.buffer.shape[0] == 4  # what the strategy keeps
+    assert strategy.entries_seen > 0
+    close(branchwise, fused)
+
+
+def test_strategy_generations_are_checked(model, inputs):
+    strategy = ForecastingStrategy(EOCConfig(mode="taylorseer", order=2), {}, num_generations=5)
+    with pytest.raises(ValueError, match="num_generations must be an int in 1..4"):
+        EOCHandle(model, FORASchedule(2), strategy=strategy)
+    class ReadsTooFar(StepStrategy):
+        num_generations = 2
+
+        def step_coefficients(self, context):
+            return {entry: (0.0, 1.0, 0.0, 0.5) for entry in context.reuse_entries}
+
+    with EOCHandle(model, FORASchedule(2), strategy=ReadsTooFar()):  # β₂ needs C_2: two generations are kept
+        with pytest.raises(ValueError, match="read C_2.*keeps 2"):
+            DDIMSampler(STEPS).sample(model, *inputs, cfg_scale=2.0)
