@@ -3,8 +3,12 @@
 ``_corrected_feature`` is DESIGN §2 "Correction" and "Judgment" level 2 for one tile of token rows,
 i.e. ``eoc_kernels.reference.corrected_feature``:
 
-    F̂ = Cc + α·D + β·(Cc − Cp) + γ·(Cc ⊙ E), kept per token only if
-    ||F̂ − Cc|| / (||Cc|| + 1e-6) > token_threshold, or token_threshold <= 0.
+    corr = α·D + β₁·(C_0 − C_1) + γ·(C_0 ⊙ E) + β₂·(C_1 − C_2) + β₃·(C_2 − C_3)   (in this order)
+    F̂ = C_0 + corr, kept per token only if ||corr|| / (||C_0|| + 1e-6) > token_threshold, or
+    token_threshold <= 0
+
+(C_0 = cache, C_1 = prev, C_2 = prev2, C_3 = prev3; the K-history terms β₂, β₃ of issue 10 come after
+γ, so a three-coefficient call compiles to exactly the three-term kernel).
 
 Blocking (all three kernels, ``pick_blocks``; docs/DESIGN.md §3.5): a program owns BLOCK_M token
 rows (b, n) and walks them in [BLOCK_M, BLOCK_C] chunks; every input is read once and the output
@@ -25,9 +29,11 @@ register budget (``Blocking.launch_options``), so that no variant spills at DiT 
 Zero coefficients: a Python-float coefficient of 0.0 turns its term's constexpr flag off (the
 tensor is never read, the kernel is compiled without it); a tensor coefficient is loaded in the
 kernel and a scalar ``if`` skips the loads of its term when it is 0, so changing values neither
-recompiles nor syncs with the host. Coefficients and the threshold given as Python numbers are fp32
-scalar kernel arguments (not specialized: no recompile when they change; a threshold crossing 0
-selects the other blocking mode, another compiled variant).
+recompiles nor syncs with the host. A history tensor shared by two terms (C_1 by β₁ and β₂, C_2 by
+β₂ and β₃) is loaded once, when either coefficient is non-zero, and held until its second term.
+Coefficients and the threshold given as Python numbers are fp32 scalar kernel arguments (not
+specialized: no recompile when they change; a threshold crossing 0 selects the other blocking mode,
+another compiled variant).
 
 Offsets are int64 (a stacked cache buffer can exceed 2**31 elements); every stride is passed
 explicitly (Triton specializes a stride of 1), so no input needs to be contiguous.
@@ -60,25 +66,49 @@ except AttributeError:  # older Triton without knobs
 
 
 @triton.jit
-def _corrected_feature(Cache_ptr, cache_offs, Prev_ptr, prev_offs, Delta_ptr, delta_offs,
-                       Trend_ptr, trend_offs, mask, alpha, beta, gamma, threshold,
+def _load_fp32(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_fp32_if(needed, ptr, offs, mask, like):
+    """The tile at ptr + offs in fp32 if the scalar needed holds, else zeros (nothing read)."""
+    if needed:
+        values = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        values = tl.zeros_like(like)
+    return values
+
+
+@triton.jit
+def _corrected_feature(Cache_ptr, cache_offs, Prev_ptr, prev_offs, Prev2_ptr, prev2_offs, Prev3_ptr,
+                       prev3_offs, Delta_ptr, delta_offs, Trend_ptr, trend_offs, mask,
+                       alpha, beta, gamma, beta2, beta3, threshold,
                        HAS_DELTA: tl.constexpr, HAS_PREV: tl.constexpr, HAS_TREND: tl.constexpr,
-                       WHOLE_ROWS: tl.constexpr):
+                       HAS_PREV2: tl.constexpr, HAS_PREV3: tl.constexpr, WHOLE_ROWS: tl.constexpr):
     """F̂ of one [BLOCK_M, BLOCK_C] tile in fp32; masked (padding) elements are 0.
 
-    *_offs are element offsets of the tile in each tensor; alpha, beta, gamma, threshold are fp32
-    scalars. A term is read only when its flag is on and its coefficient is nonzero. WHOLE_ROWS:
-    the tile holds whole rows and the judgment applies; otherwise no judgment filters (a chunk of
-    the rows, threshold <= 0: every token is corrected).
+    *_offs are element offsets of the tile in each tensor; alpha, beta (β₁), gamma, beta2, beta3,
+    threshold are fp32 scalars. HAS_<term>: the term may apply (its tensors exist; for a Python-float
+    coefficient, it is non-zero): HAS_PREV is β₁ (C_0, C_1), HAS_PREV2 β₂ (C_1, C_2), HAS_PREV3 β₃
+    (C_2, C_3); a coefficient whose flag is off must be 0.0. A tensor is read only when a term that
+    uses it is on and its coefficient is non-zero. WHOLE_ROWS: the tile holds whole rows and the
+    judgment applies; otherwise no judgment filters (a chunk of the rows, threshold <= 0: every
+    token is corrected).
     """
     cached = tl.load(Cache_ptr + cache_offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DELTA or HAS_PREV or HAS_TREND:
+    if HAS_DELTA or HAS_PREV or HAS_TREND or HAS_PREV2 or HAS_PREV3:
         corr = tl.zeros_like(cached)
         if HAS_DELTA:
             if alpha != 0.0:
                 delta = tl.load(Delta_ptr + delta_offs, mask=mask, other=0.0).to(tl.float32)
                 corr += alpha * delta
-        if HAS_PREV:
+        if HAS_PREV2:  # C_1 serves β₁ now and β₂ after γ: loaded once, held
+            prev = _load_fp32_if((beta != 0.0) | (beta2 != 0.0), Prev_ptr, prev_offs, mask, cached)
+            if HAS_PREV:
+                if beta != 0.0:
+                    corr += beta * (cached - prev)
+        elif HAS_PREV:
             if beta != 0.0:
                 prev = tl.load(Prev_ptr + prev_offs, mask=mask, other=0.0).to(tl.float32)
                 corr += beta * (cached - prev)
@@ -86,6 +116,16 @@ def _corrected_feature(Cache_ptr, cache_offs, Prev_ptr, prev_offs, Delta_ptr, de
             if gamma != 0.0:
                 trend = tl.load(Trend_ptr + trend_offs, mask=mask, other=0.0).to(tl.float32)
                 corr += gamma * (cached * trend)
+        if HAS_PREV3:  # C_2 serves β₂ and β₃
+            prev2 = _load_fp32_if((beta2 != 0.0) | (beta3 != 0.0), Prev2_ptr, prev2_offs, mask, cached)
+            if HAS_PREV2:
+                if beta2 != 0.0:
+                    corr += beta2 * (prev - prev2)
+            if beta3 != 0.0:
+                corr += beta3 * (prev2 - _load_fp32(Prev3_ptr, prev3_offs, mask))
+        elif HAS_PREV2:
+            if beta2 != 0.0:
+                corr += beta2 * (prev - _load_fp32(Prev2_ptr, prev2_offs, mask))
         if WHOLE_ROWS:
             # Online judgment, per token (row): the correction's size relative to the cached feature.
             corr_norm = tl.sqrt(tl.sum(corr * corr, axis=1))  # [BLOCK_M]
@@ -178,23 +218,38 @@ def per_head_strides(tensor, batch):
     return (batch // tensor.shape[0], *tensor.stride())
 
 
-def branch_launch_args(x, prev, delta, trend, coef_values, coef_tensor):
-    """Per-branch launch arguments: tensors or x as a stand-in, strides, floats and flags."""
+def branch_launch_args(x, prev, prev2, prev3, delta, trend, coef_values, coef_tensor):
+    """Per-branch launch arguments: tensors or x as a stand-in, strides, floats and flags.
+
+    coef_values: the 5 floats (alpha, beta1, gamma, beta2, beta3) of the split form; coef_tensor:
+    float32 [P], P in {3, 4, 5}, or None. The flags of the five terms (HAS_DELTA, HAS_PREV,
+    HAS_TREND, HAS_PREV2, HAS_PREV3) are on when the term's tensors exist and, for a float
+    coefficient, it is non-zero (for a tensor, when P covers it). The floats of the terms that are
+    off are passed as 0.0."""
     batch = x.shape[0]
     coef_is_tensor = coef_tensor is not None
-    alpha, beta, gamma = (0.0, 0.0, 0.0) if coef_is_tensor else coef_values
-    has_delta = delta is not None and (coef_is_tensor or alpha != 0.0)
-    has_prev = prev is not None and (coef_is_tensor or beta != 0.0)
-    has_trend = trend is not None and (coef_is_tensor or gamma != 0.0)
+    num_coefs = coef_tensor.shape[0] if coef_is_tensor else len(coef_values)
+    values = (0.0,) * 5 if coef_is_tensor else tuple(coef_values) + (0.0,) * (5 - len(coef_values))
+    present = (delta is not None, prev is not None, trend is not None,
+               prev is not None and prev2 is not None, prev2 is not None and prev3 is not None)
+    flags = tuple(given and slot < num_coefs and (coef_is_tensor or values[slot] != 0.0)
+                  for slot, given in enumerate(present))
+    has_delta, has_prev, has_trend, has_prev2, has_prev3 = flags
+    reads_prev = has_prev or has_prev2  # C_1: β₁ and β₂
+    reads_prev2 = has_prev2 or has_prev3  # C_2: β₂ and β₃
     delta_rows_per_head, *delta_strides = per_head_strides(delta if has_delta else None, batch)
     trend_rows_per_head, *trend_strides = per_head_strides(trend if has_trend else None, batch)
     return dict(
-        prev=prev if has_prev else x, delta=delta if has_delta else x,
-        trend=trend if has_trend else x, coef=coef_tensor if coef_is_tensor else x,
+        prev=prev if reads_prev else x, prev2=prev2 if reads_prev2 else x, prev3=prev3 if has_prev3 else x,
+        delta=delta if has_delta else x, trend=trend if has_trend else x,
+        coef=coef_tensor if coef_is_tensor else x,
         delta_rows_per_head=delta_rows_per_head, trend_rows_per_head=trend_rows_per_head,
-        prev_strides=prev.stride() if has_prev else (0, 0, 0), delta_strides=delta_strides,
-        trend_strides=trend_strides, coef_stride=coef_tensor.stride(0) if coef_is_tensor else 0,
-        coef_values=(alpha, beta, gamma), flags=(has_delta, has_prev, has_trend),
+        prev_strides=prev.stride() if reads_prev else (0, 0, 0),
+        prev2_strides=prev2.stride() if reads_prev2 else (0, 0, 0),
+        prev3_strides=prev3.stride() if has_prev3 else (0, 0, 0),
+        delta_strides=delta_strides, trend_strides=trend_strides,
+        coef_stride=coef_tensor.stride(0) if coef_is_tensor else 0,
+        coef_values=tuple(value if on else 0.0 for value, on in zip(values, flags)), flags=flags,
         coef_is_tensor=coef_is_tensor)
 
 

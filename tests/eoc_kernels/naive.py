@@ -2,8 +2,9 @@
 
 The naive versions walk the tokens one by one with plain indexing (and the segment entries one by
 one with Python integers), so they share no broadcasting, masking or indexing code with the
-reference or the kernels. The ``run_*`` helpers call the public ops and pass ``**kwargs`` (e.g.
-``backend=``) through.
+reference or the kernels. They cover the K-history correction (issue 10): a branch may carry
+prev2 / prev3 (C_2, C_3) and a coef of 3 to 5 entries (alpha, beta1, gamma, beta2, beta3).
+The ``run_*`` helpers call the public ops and pass ``**kwargs`` (e.g. ``backend=``) through.
 """
 
 import torch
@@ -12,14 +13,17 @@ from eoc_kernels import cached_block, cached_branch, cached_segment
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ALL_TERMS = ("delta", "prev", "trend")
+HISTORY_TERMS = ("prev", "prev2", "prev3")  # C_1, C_2, C_3
 COEF = (0.8, 0.6, -0.5)  # (alpha, beta, gamma)
+#: Full coefficient vectors per length P: (alpha, beta1, gamma[, beta2[, beta3]]).
+COEFS = {3: COEF, 4: (0.8, 0.6, -0.5, 0.4), 5: (0.8, 0.6, -0.5, 0.4, -0.3)}
 
 
 # --- naive fp64 implementation ---------------------------------------------------------------
 
-def naive_corrected(cache, prev, delta, trend, coef, threshold):
-    """F̂ in fp64, one token (b, n) at a time."""
-    alpha, beta, gamma = (float(c) for c in coef)
+def naive_corrected(cache, prev, delta, trend, coef, threshold, prev2=None, prev3=None):
+    """F̂ in fp64, one token (b, n) at a time; coef has 3 to 5 entries (the missing ones are 0)."""
+    alpha, beta, gamma, beta2, beta3 = ([float(c) for c in coef] + [0.0, 0.0])[:5]
     threshold = float(threshold)
     batch, tokens, _ = cache.shape
     out = torch.empty(cache.shape, dtype=torch.float64)
@@ -33,32 +37,43 @@ def naive_corrected(cache, prev, delta, trend, coef, threshold):
                 fhat += beta * (cc - prev[b, n].double())
             if trend is not None:
                 fhat += gamma * cc * trend[b // (batch // trend.shape[0]), n].double()
+            if prev2 is not None and beta2 != 0.0:
+                fhat += beta2 * (prev[b, n].double() - prev2[b, n].double())
+            if prev3 is not None and beta3 != 0.0:
+                fhat += beta3 * (prev2[b, n].double() - prev3[b, n].double())
             score = (fhat - cc).norm() / (cc.norm() + 1e-6)
             out[b, n] = fhat if threshold <= 0 or score > threshold else cc
     return out
+
+
+def _naive_branch(branch, threshold):
+    return naive_corrected(branch["cache"], branch["prev"], branch["delta"], branch["trend"],
+                           branch["coef"], threshold, branch.get("prev2"), branch.get("prev3"))
 
 
 def naive_output(x, branches, threshold):
     """x + Σ gate ⊙ F̂ over the given branches, in fp64."""
     out = x.double()
     for branch in branches:
-        fhat = naive_corrected(branch["cache"], branch["prev"], branch["delta"], branch["trend"],
-                               branch["coef"], threshold)
+        fhat = _naive_branch(branch, threshold)
         out = out + branch["gate"].double()[:, None, :] * fhat
     return out
 
 
 def naive_scores(branch):
     """Per-token judgment scores s = ||corr|| / (||Cc|| + 1e-6) in fp64, [B, N]."""
-    corr = naive_corrected(branch["cache"], branch["prev"], branch["delta"], branch["trend"],
-                           branch["coef"], 0.0) - branch["cache"].double()
+    corr = _naive_branch(branch, 0.0) - branch["cache"].double()
     return corr.norm(dim=-1) / (branch["cache"].double().norm(dim=-1) + 1e-6)
 
 
 # --- inputs ----------------------------------------------------------------------------------
 
 def random_branch(gen, batch, tokens, channels, dtype, *, heads=1, terms=ALL_TERMS, coef=COEF):
-    """One reused branch's inputs; per-token scales spread the judgment scores apart."""
+    """One reused branch's inputs; per-token scales spread the judgment scores apart.
+
+    terms: any of "delta", "prev", "trend", "prev2", "prev3" (prev2 needs prev, prev3 needs prev2);
+    the history C_1, C_2, C_3 drifts away from C_0 one step at a time. prev2 and prev3 are drawn
+    last, so the other inputs are the same with and without them."""
     def randn(rows):
         return torch.randn(rows, tokens, channels, generator=gen)
 
@@ -67,7 +82,7 @@ def random_branch(gen, batch, tokens, channels, dtype, *, heads=1, terms=ALL_TER
 
     cache = randn(batch)
     branch = dict(gate=torch.randn(batch, channels, generator=gen), cache=cache, prev=None,
-                  delta=None, trend=None)
+                  delta=None, trend=None, prev2=None, prev3=None)
     if "prev" in terms:
         branch["prev"] = cache - 0.3 * token_scale(batch) * randn(batch)
     if "delta" in terms:
@@ -75,19 +90,30 @@ def random_branch(gen, batch, tokens, channels, dtype, *, heads=1, terms=ALL_TER
     if "trend" in terms:  # a trend embedding lies in [-1, 1] (DESIGN §2)
         branch["trend"] = (2 * torch.rand(heads, tokens, channels, generator=gen) - 1
                            ) * token_scale(heads).clamp(max=1)
+    for before, name in (("prev", "prev2"), ("prev2", "prev3")):
+        if name in terms:
+            assert branch[before] is not None, f"{name} needs {before}"
+            branch[name] = branch[before] - 0.3 * token_scale(batch) * randn(batch)
     branch = {key: None if value is None else value.to(dtype) for key, value in branch.items()}
     return branch | {"coef": coef}
+
+
+def _history_kwargs(branch, suffix=""):
+    """prev2 / prev3 keyword arguments, only when the branch has them (so that calls without them
+    stay the three-term calls they always were)."""
+    return {f"{key}{suffix}": branch[key] for key in ("prev2", "prev3") if branch.get(key) is not None}
 
 
 def run_branch(x, branch, **kwargs):
     return cached_branch(x, branch["gate"], branch["cache"], prev=branch["prev"],
                          delta=branch["delta"], trend=branch["trend"], coef=branch["coef"],
-                         **kwargs)
+                         **_history_kwargs(branch), **kwargs)
 
 
 def run_block(x, attn, mlp, **kwargs):
     optional = {f"{key}_{name}": branch[key] for name, branch in (("attn", attn), ("mlp", mlp))
                 for key in ("prev", "delta", "trend", "coef")}
+    optional |= _history_kwargs(attn, "_attn") | _history_kwargs(mlp, "_mlp")
     return cached_block(x, attn["gate"], mlp["gate"], attn["cache"], mlp["cache"], **optional,
                         **kwargs)
 
@@ -134,36 +160,45 @@ def check_random_case(seed, shape, dtype, tol, *branch_options, **kwargs):
 
 # --- segments ----------------------------------------------------------------------------------
 
+def segment_history(generations, num_coefs):
+    """K, the history differences cached_segment applies: i <= G − 1 and i <= P − 2."""
+    return min(generations - 1, num_coefs - 2)
+
+
 def random_segment(gen, batch, tokens, channels, dtype, *, blocks=3, generations=2, heads=1,
                    terms=("delta", "trend"), coef="random", index_dtype=torch.int32,
-                   total_blocks=None, offset=1):
+                   total_blocks=None, offset=1, num_coefs=3):
     """cached_segment inputs as a dict, plus "entries": the branch dicts of the S·2 entries.
 
     The cache is the view buffer[:, offset:offset + S] of a stacked [G, L, 2, B, N, C] buffer and
     the gates a strided view of a [B, L·2·C + 5] matrix, as the DiT integration builds them.
-    Entry (s, k) puts its cache in generation generation[s, k] (random, mixed) and, when G == 2,
-    its prev in the other one (with G == 1 generation is all 0). coef: "random" (some entries with
-    zero coefficients), None, or a fixed (alpha, beta, gamma) for every entry.
+    G in 1..4 is a ring: entry (s, k) puts C_0 in generation g = generation[s, k] (random, mixed) and
+    C_j in (g − j) mod G for j = 1..K, K = min(G − 1, P − 2) (P = num_coefs, 3 when coef is None);
+    generations it does not fill stay NaN (the op must not read them). coef: "random" (some entries
+    with zero coefficients), None, or a fixed tuple of num_coefs values for every entry.
     """
     total_blocks = blocks + 2 if total_blocks is None else total_blocks
+    if coef not in ("random", None):
+        num_coefs = len(coef)
+    history = segment_history(generations, num_coefs)
     buffer = torch.full((generations, total_blocks, 2, batch, tokens, channels), float("nan"))
     generation = torch.randint(0, generations, (blocks, 2), generator=gen, dtype=index_dtype)
     if coef == "random":
-        values = torch.randn(blocks, 2, 3, generator=gen)
-        values[torch.rand(blocks, 2, 3, generator=gen) < 0.25] = 0.0  # some zero coefficients
-        values[0, 0] = torch.tensor([0.8, 0.6, -0.5])  # at least one entry with every term
+        values = torch.randn(blocks, 2, num_coefs, generator=gen)
+        values[torch.rand(blocks, 2, num_coefs, generator=gen) < 0.25] = 0.0  # some zero coefficients
+        values[0, 0] = torch.tensor(COEFS[num_coefs])  # at least one entry with every term
     elif coef is not None:
-        values = torch.tensor(coef, dtype=torch.float32).expand(blocks, 2, 3).clone()
-    entry_terms = tuple(terms) + (("prev",) if generations == 2 else ())
+        values = torch.tensor(coef, dtype=torch.float32).expand(blocks, 2, num_coefs).clone()
+    entry_terms = tuple(terms) + HISTORY_TERMS[:history]
     entries = []
     for s in range(blocks):
         for k in range(2):
             entry = random_branch(gen, batch, tokens, channels, torch.float32, heads=heads,
                                   terms=entry_terms, coef=None if coef is None else values[s, k])
-            g = int(generation[s, k]) if generations == 2 else 0
+            g = int(generation[s, k]) if generations > 1 else 0
             buffer[g, offset + s, k] = entry["cache"]
-            if generations == 2:
-                buffer[1 - g, offset + s, k] = entry["prev"]
+            for j, name in enumerate(HISTORY_TERMS[:history], start=1):
+                buffer[(g - j) % generations, offset + s, k] = entry[name]
             entries.append(entry)
     gate_matrix = torch.randn(batch, total_blocks * 2 * channels + 5, generator=gen).to(dtype)
     gates = gate_matrix[:, 5:].view(batch, total_blocks, 2, channels)[:, offset:offset + blocks]
@@ -182,13 +217,11 @@ def random_segment(gen, batch, tokens, channels, dtype, *, blocks=3, generations
                 coef=None if coef is None else values)
     # The naive version sees the same rounded values, per entry.
     for entry in entries:
-        for key in ("gate", "cache", "prev", "delta", "trend"):
+        for key in ("gate", "cache", "delta", "trend", *HISTORY_TERMS):
             if entry[key] is not None:
                 entry[key] = entry[key].to(dtype)
-        if generations == 1:
-            entry["prev"] = None  # no Cp exists: beta is ignored
         if coef is None:
-            entry["prev"] = entry["delta"] = entry["trend"] = None
+            entry["prev"] = entry["prev2"] = entry["prev3"] = entry["delta"] = entry["trend"] = None
             entry["coef"] = (0.0, 0.0, 0.0)
     return args | {"entries": entries}
 

@@ -28,6 +28,12 @@ HEAD_CASES = [(shape, heads) for shape in SHAPES for heads in sorted({1, 2, shap
               if shape[0] % heads == 0]
 
 
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    """The public ops run the eager reference here ("auto" would pick the C++ kernels on the CPU)."""
+    monkeypatch.setenv("EOC_BACKEND", "torch")
+
+
 # --- tests -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("terms", [(), ("delta",), ("prev",), ("trend",), ALL_TERMS],

@@ -16,6 +16,12 @@ SEGMENT_SHAPES = [(1, 49, 123), (2, 7, 1152), (3, 5, 8), (4, 7, 8)]
 TERM_CASES = [(), ("delta",), ("trend",), ("delta", "trend")]
 
 
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    """The public ops run the eager reference here ("auto" would pick the C++ kernels on the CPU)."""
+    monkeypatch.setenv("EOC_BACKEND", "torch")
+
+
 def check_segment_case(seed, shape, dtype, tol, segment_options=None, threshold=0.0,
                        **op_kwargs):
     """Fresh random segment inputs; the op against the naive loop. Returns (out, x, segment)."""
