@@ -35,7 +35,9 @@ upstream repositories Shenyi-Z/TaylorSeer and fenglang918/HiCache are not in it,
   s_j − s_{j+1} > 0), exactly (a sign flip is exact in floating point). The gap divides by the
   distance between the LAST TWO computed steps only, whatever order: with the default schedule's
   uneven gaps (1 between the two warm-up steps, N after) factor_2 = ((C_0 − C_1)/N − (C_1 − C_2)/1)/N,
-  not a Newton divided difference; :func:`taylorseer_weights` runs that same recursion.
+  not a Newton divided difference; :func:`taylorseer_weights` runs that same recursion. So order 1 is
+  β₁ = k / (the last gap): k/N in steady state, but k/1 right after the two warm-up steps. Their DiT
+  ``sample.py`` defaults to ``--max-order 4`` and ``--interval 4``; orders here stop at 3 (K <= 3).
   diffusers' ``TaylorSeerCacheConfig`` (huggingface/diffusers ``src/diffusers/hooks/taylorseer_cache.py``
   at adebaac, ``TaylorSeerState.update`` / ``predict``) counts steps up and has the same recursion
   (``new_factors[j + 1] = (new_factors[j] − prev) / delta_step``) and forecast

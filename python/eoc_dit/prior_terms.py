@@ -24,7 +24,7 @@ from .errors import InputValueError
 from .planner import EntryPlan, SegmentPlan
 from .prior import Prior, delta_and_trend
 
-DELTA, TREND = 0, 2  # the index of each term's coefficient in (α, β, γ)
+DELTA, TREND = 0, 2  # the index of each term's coefficient in (α, β₁, γ[, β₂[, β₃]])
 
 
 class PriorTerms:
