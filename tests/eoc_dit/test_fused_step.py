@@ -113,15 +113,19 @@ def test_unfused_adapter_gives_the_same_samples(model, inputs):
 
 
 @pytest.mark.parametrize("config", [EOCConfig(mode="extrapolate", theta=0.0),
-                                    EOCConfig(mode="extrapolate", token_threshold=0.05)])
+                                    EOCConfig(mode="extrapolate", token_threshold=0.05),
+                                    EOCConfig(mode="taylorseer", order=3),
+                                    EOCConfig(mode="hicache", order=2, token_threshold=0.05)])
 def test_triton_backend_matches_the_reference_backend(model, inputs, config):
     # On CPU the Triton kernels run under TRITON_INTERPRET=1, which tests/conftest.py sets where there
     # is no CUDA device; with CUDA the kernels are compiled and the GPU tests cover them.
     if "triton" not in eoc_kernels.available_backends("cpu"):
         assert torch.cuda.is_available(), "no CUDA device, so tests/conftest.py must have set TRITON_INTERPRET=1"
         pytest.skip("the Triton interpreter is off (a CUDA device is present)")
-    reference = sample(model, inputs, FORASchedule(3), dataclasses.replace(config, backend="torch"))
-    fused = sample(model, inputs, FORASchedule(3), dataclasses.replace(config, backend="triton"))
+    # The forecasters under TaylorSeer's schedule (full steps 0, 1, 3, 5): order 3 reads C_0..C_3 at step 6.
+    schedule = FORASchedule(3) if config.mode == "extrapolate" else TaylorSeerSchedule(2)
+    reference = sample(model, inputs, schedule, dataclasses.replace(config, backend="torch"))
+    fused = sample(model, inputs, schedule, dataclasses.replace(config, backend="triton"))
     torch.testing.assert_close(fused, reference, atol=1e-4 * reference.abs().max(), rtol=1e-4)
 
 
