@@ -2,10 +2,10 @@
 
 Backends must not differ silently: the reference is differentiable, so each eoc:: custom op has a
 backward (registered with torch.library.register_autograd) that recomputes the reference. Every
-differentiable input requires grad here: x, gates, caches, prevs, deltas, trends and tensor
-coefficients; the token threshold splits the tokens, so the keep mask matters (it is piecewise
-constant: no gradient flows through the judgment, in either backend). Runs on CPU under the
-interpreter, or on CUDA with the compiled kernels.
+differentiable input requires grad here: x, gates, caches, the history (prev, prev2, prev3), deltas,
+trends and tensor coefficients (3 to 5 of them); the token threshold splits the tokens, so the keep
+mask matters (it is piecewise constant: no gradient flows through the judgment, in either backend).
+Runs on CPU under the interpreter, or on CUDA with the compiled kernels.
 """
 
 import pytest
@@ -19,6 +19,7 @@ from .triton_setup import DEVICE, NEEDS_TRITON_DEVICE, poisoned_outputs
 pytestmark = NEEDS_TRITON_DEVICE
 
 BRANCH_KEYS = ("gate", "cache", "prev", "delta", "trend", "coef")
+HISTORY_KEYS = ("prev2", "prev3")
 
 
 def leaves(tensors):
@@ -113,6 +114,47 @@ def test_segment_gradients_match_reference(dtype, generations, coef, tolerance):
     kwargs = leaves({key: segment[key] for key in ("delta", "trend", "coef")}
                     | {"token_threshold": threshold})
     assert_same_gradients("cached_segment", args, kwargs, tolerance(dtype))
+
+
+@pytest.mark.parametrize("coef_form", ["float", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_history_gradients_match_reference(dtype, coef_form, tolerance):
+    """K-history: cached_branch with C_1..C_3 and 5 coefficients (beta2 = 0: C_2 still gets the gradient of
+    beta3's term), cached_block with a 4-coefficient attention branch."""
+    gen = torch.Generator().manual_seed(55)
+    shape = (2, 5, 37)
+    terms = ("delta", "prev", "trend", "prev2", "prev3")
+    branch = random_branch(gen, *shape, dtype, heads=2, terms=terms,
+                           coef=as_coef(coef_form, (0.8, 0.6, -0.5, 0.0, 0.7)))
+    threshold = splitting_threshold([branch])
+    x = torch.randn(shape, generator=gen).to(dtype)
+    args = leaves({"x": x, "gate": branch["gate"], "cache": branch["cache"]})
+    kwargs = leaves({key: branch[key] for key in BRANCH_KEYS[2:] + HISTORY_KEYS}
+                    | {"token_threshold": torch.tensor(threshold)})
+    assert_same_gradients("cached_branch", args, kwargs, tolerance(dtype))
+
+    mlp = random_branch(gen, *shape, dtype, coef=as_coef(coef_form, (0.4, 1.0, 0.9)))
+    args = leaves({"x": x, "gate_attn": branch["gate"], "gate_mlp": mlp["gate"],
+                   "cache_attn": branch["cache"], "cache_mlp": mlp["cache"]})
+    attn = dict(branch, coef=as_coef(coef_form, (0.8, 0.6, -0.5, 0.5)), prev3=None)
+    kwargs = leaves({f"{key}_{name}": source[key] for name, source in (("attn", attn), ("mlp", mlp))
+                     for key in BRANCH_KEYS[2:] + HISTORY_KEYS} | {"token_threshold": threshold})
+    assert_same_gradients("cached_block", args, kwargs, tolerance(dtype))
+
+
+@pytest.mark.parametrize("generations, num_coefs", [(3, 4), (4, 5)], ids=["G3-P4", "G4-P5"])
+def test_segment_ring_gradients_match_reference(generations, num_coefs, tolerance):
+    gen = torch.Generator().manual_seed(56)
+    shape = (2, 5, 37)
+    segment = random_segment(gen, *shape, torch.float32, blocks=2, generations=generations, heads=2,
+                             num_coefs=num_coefs)
+    threshold = segment_threshold(segment)
+    x = torch.randn(shape, generator=gen)
+    args = leaves({"x": x, "gates": segment["gates"], "cache": segment["cache"],
+                   "generation": segment["generation"]})
+    kwargs = leaves({key: segment[key] for key in ("delta", "trend", "coef")}
+                    | {"token_threshold": threshold})
+    assert_same_gradients("cached_segment", args, kwargs, tolerance(torch.float32))
 
 
 def test_gradients_flow_through_strided_and_expanded_inputs(tolerance):

@@ -16,6 +16,37 @@ def test_each_op_has_one_schema_naming_its_kernel():
         assert str(schema.returns[0].type) == "Tensor"
 
 
+#: The split-form signatures every backend implements (issue 10, K-history).
+SCHEMAS = {
+    "cached_branch": "Tensor x, Tensor gate, Tensor cache, Tensor? prev, Tensor? prev2, Tensor? prev3, Tensor? delta, "
+                     "Tensor? trend, float[] coef_values, Tensor? coef_tensor, float threshold_value, "
+                     "Tensor? threshold_tensor, str kernel",
+    "cached_block": "Tensor x, Tensor gate_attn, Tensor gate_mlp, Tensor cache_attn, Tensor cache_mlp, "
+                    "Tensor? prev_attn, Tensor? prev_mlp, Tensor? prev2_attn, Tensor? prev2_mlp, Tensor? prev3_attn, "
+                    "Tensor? prev3_mlp, Tensor? delta_attn, Tensor? delta_mlp, Tensor? trend_attn, Tensor? trend_mlp, "
+                    "float[] coef_values, Tensor? coef_tensor_attn, Tensor? coef_tensor_mlp, float threshold_value, "
+                    "Tensor? threshold_tensor, str kernel",
+    "cached_segment": "Tensor x, Tensor gates, Tensor cache, Tensor generation, Tensor? delta, Tensor? trend, "
+                      "Tensor? coef, float threshold_value, Tensor? threshold_tensor, str kernel",
+}
+
+
+def test_schemas_are_the_split_signatures():
+    for op, arguments in SCHEMAS.items():
+        assert str(getattr(torch.ops.eoc, op).default._schema) == f"eoc::{op}({arguments}) -> Tensor"
+
+
+def test_split_coef_pads_to_five_values_per_branch():
+    assert _library.split_coef((1, 2.5, -3)) == ([1.0, 2.5, -3.0, 0.0, 0.0], None)
+    assert _library.split_coef([0.5, 0.0, 0.25, 0.125]) == ([0.5, 0.0, 0.25, 0.125, 0.0], None)
+    assert _library.split_coef((1.0,) * 5) == ([1.0] * 5, None)
+    tensor = torch.tensor([0.5, 0.0, 1.0, 2.0])
+    values, coef_tensor = _library.split_coef(tensor)
+    assert values == [0.0] * 5 and coef_tensor is tensor  # its length is P
+    assert _library.coef_of(*_library.split_coef((0.5, 0.25, 0.125))) == (0.5, 0.25, 0.125, 0.0, 0.0)
+    assert _library.coef_of(values, coef_tensor) is tensor
+
+
 def test_kernels_are_registered_per_device_key():
     for op in _library.OP_NAMES:
         qualified = f"eoc::{op}"
@@ -42,12 +73,12 @@ def test_an_unregistered_kernel_name_raises_naming_the_registered_ones():
     x = torch.randn(2, 3, 8)
     with pytest.raises(RuntimeError, match=r"eoc::cached_branch has no 'cuda' kernel for cpu tensors; "
                                            r"registered: cpp"):
-        torch.ops.eoc.cached_branch(x, x[:, 0], x, None, None, None, [0.0] * 3, None, 0.0, None, "cuda")
+        torch.ops.eoc.cached_branch(x, x[:, 0], x, None, None, None, None, None, [0.0] * 5, None, 0.0, None, "cuda")
 
 
 def test_meta_tensors_get_the_fake():
     x = torch.randn(2, 3, 8, device="meta")
-    out = torch.ops.eoc.cached_branch(x, x[:, 0], x, None, None, None, [0.0] * 3, None, 0.0, None, "cpp")
+    out = torch.ops.eoc.cached_branch(x, x[:, 0], x, None, None, None, None, None, [0.0] * 5, None, 0.0, None, "cpp")
     assert out.device.type == "meta" and out.shape == x.shape
 
 

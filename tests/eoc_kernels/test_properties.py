@@ -2,15 +2,17 @@
 
 Each example draws a shape (B in 1..4, N in 1..7, C in 1..70: sizes 1 and odd ones), a dtype, a
 memory layout per input (contiguous, transposed, every other element of a NaN-padded buffer, or
-stride-0 expanded), the optional terms, head counts H in {1, 2, B} dividing B, coefficients (zeros
-likely; a zero coefficient's tensor is then NaN, which must not be read), Python or tensor
-coefficients, a token threshold (<= 0, in a clear gap between the per-token scores, or above all
-of them; a Python number or a tensor) and, for cached_segment, G in {1, 2} with random generations.
+stride-0 expanded), the optional terms (the history C_1..C_3 too: prev, prev2, prev3), head counts H in
+{1, 2, B} dividing B, coefficients of length P in {3, 4, 5} (zeros likely; a tensor whose terms all have
+zero coefficients is then NaN, which must not be read), Python or tensor coefficients, a token threshold
+(<= 0, in a clear gap between the per-token scores, or above all of them; a Python number or a tensor)
+and, for cached_segment, a ring of G in {1, 2, 3, 4} generations with random generations and
+coef [S, 2, P] (the generations it must not read hold NaN).
 The reference runs on the clean inputs; the kernel's output buffer is NaN-poisoned.
 
 Each test runs once per backend (``backend`` parameter): "triton" on CPU under the interpreter, where
 it is slow (the shapes stay tiny and the example counts, ``EXAMPLES``, 1200 in all, keep it at about
-40 s on two cores), or on CUDA, compiled; "cpp" on CPU tensors with eoc_kernels._C (its kernel variant
+a minute of CPU time), or on CUDA, compiled; "cpp" on CPU tensors with eoc_kernels._C (its kernel variant
 drawn too: AVX-512, AVX2 or SSE2, whichever this CPU supports). A backend that cannot run here skips
 (see triton_setup.py and cpp_setup.py). Examples are drawn afresh on every run (no example database
 is written); a failure prints the blob that reproduces it (``@reproduce_failure``).
@@ -25,6 +27,7 @@ from eoc_kernels import cpp, reference
 from ..conftest import TOLERANCES
 from . import cpp_setup, triton_setup
 from .naive import DTYPES, naive_scores
+from .test_history import unread
 
 pytest.importorskip("hypothesis", reason="property tests need hypothesis (a dev dependency)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -39,7 +42,8 @@ POISONED_OUTPUTS = {"triton": triton_setup.poisoned_outputs, "cpp": cpp_setup.po
 EXAMPLES = {"cached_branch": 400, "cached_block": 300, "cached_segment": 500}
 NAN = float("nan")
 LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
-TERMS = ("delta", "prev", "trend")  # in coefficient order: alpha, beta, gamma
+TERMS = ("delta", "prev", "trend")  # in coefficient order: alpha, beta1, gamma
+HISTORY = ("prev2", "prev3")  # C_2, C_3 (beta2, beta3), each only after the one before it
 
 
 def property_settings(op):
@@ -103,8 +107,10 @@ def draw_heads(data, batch, label):
 
 
 def draw_coef(data, device, label):
-    """(alpha, beta, gamma) as a tuple of Python floats or a float32 [3] tensor (maybe strided)."""
-    values = tuple(data.draw(st.tuples(coefficient, coefficient, coefficient), label=label))
+    """(alpha, beta1, gamma[, beta2[, beta3]]) as a tuple of Python floats or a float32 [P] tensor (maybe
+    strided), P in {3, 4, 5}."""
+    length = data.draw(st.sampled_from([3, 4, 5]), label=f"{label} P")
+    values = tuple(data.draw(st.lists(coefficient, min_size=length, max_size=length), label=label))
     if not data.draw(st.booleans(), label=f"{label} is a tensor"):
         return values
     return laid_out(data, torch.tensor(values, device=device), label)[0]
@@ -125,6 +131,12 @@ def draw_branch(data, gen, shape, dtype, device, label):
                               kind={"delta": "small", "prev": "small", "trend": "uniform"}[term])
         if term == "prev":
             values = branch["cache"] - values
+        branch[term] = laid_out(data, values, f"{label} {term}")[0]
+    branch |= dict.fromkeys(HISTORY)
+    for before, term in zip(("prev", *HISTORY), HISTORY):  # C_i only after C_{i-1}
+        if branch[before] is None or not data.draw(st.booleans(), label=f"{label} has {term}"):
+            break
+        values = branch[before] - float_values(gen, dtype, device, *shape, kind="small")
         branch[term] = laid_out(data, values, f"{label} {term}")[0]
     branch["coef"] = draw_coef(data, device, f"{label} coef")
     return branch
@@ -164,11 +176,11 @@ def branch_scores(branch):
 
 
 def poisoned_unread(branch):
-    """branch with each tensor whose coefficient is 0 replaced by NaN: it must not be read."""
+    """branch with each tensor whose terms all have zero coefficients (test_history.unread) replaced by
+    NaN: it must not be read."""
     out = dict(branch)
-    for term, value in zip(TERMS, coef_floats(branch["coef"])):
-        if value == 0.0 and out[term] is not None:
-            out[term] = torch.full(out[term].shape, NAN, dtype=out[term].dtype, device=out[term].device)
+    for term in unread(coef_floats(branch["coef"]), branch):
+        out[term] = torch.full(out[term].shape, NAN, dtype=out[term].dtype, device=out[term].device)
     return out
 
 
@@ -215,7 +227,7 @@ def draw_common(data, device):
 
 
 def branch_kwargs(branch, suffix=""):
-    return {f"{key}{suffix}": branch[key] for key in (*TERMS, "coef")}
+    return {f"{key}{suffix}": branch[key] for key in (*TERMS, *HISTORY, "coef")}
 
 
 # --- properties --------------------------------------------------------------------------------
@@ -265,7 +277,7 @@ def test_segment_matches_reference(backend, restore_isa, data):
     draw_kernel_variant(data, backend)
     shape, dtype, gen, x = draw_common(data, device)
     batch, tokens, channels = shape
-    generations = data.draw(st.sampled_from([1, 2]), label="G")
+    generations = data.draw(st.sampled_from([1, 2, 3, 4]), label="G")
     blocks = data.draw(st.integers(1, 3), label="S")
     gates = laid_out(data, float_values(gen, dtype, device, batch, blocks, 2, channels), "gates")[0]
     cache, cache_entries = laid_out(
@@ -285,41 +297,46 @@ def test_segment_matches_reference(backend, restore_isa, data):
                 data, float_values(gen, dtype, device, blocks, 2, heads, tokens, channels,
                                    kind="small" if term == "delta" else "uniform"), term,
                 entry_dims=2)
-    coef = None
+    coef, history = None, 0
     if data.draw(st.booleans(), label="has coef"):
-        coef_values = data.draw(st.lists(coefficient, min_size=6 * blocks, max_size=6 * blocks),
-                                label="coef")
-        coef = laid_out(data, torch.tensor(coef_values, device=device).view(blocks, 2, 3),
+        length = data.draw(st.sampled_from([3, 4, 5]), label="P")
+        coef_values = data.draw(st.lists(coefficient, min_size=2 * length * blocks,
+                                         max_size=2 * length * blocks), label="coef")
+        coef = laid_out(data, torch.tensor(coef_values, device=device).view(blocks, 2, length),
                         "coef")[0]
+        history = reference.segment_history(generations, length)
 
-    # Per-entry branches for the scores (Cp only when G == 2 and coefficients are given).
+    # Per-entry branches for the scores: C_j = cache[(g - j) % G] for j <= K = min(G - 1, P - 2).
     entries = []
     for s in range(blocks):
         for k in range(2):
-            g = int(generation[s, k]) if generations == 2 else 0
+            g = int(generation[s, k])
             entry_coef = coef[s, k] if coef is not None else torch.zeros(3)
-            entries.append({"cache": cache[g, s, k],
-                            "prev": cache[1 - g, s, k] if generations == 2 and coef is not None
-                            else None,
-                            "delta": None if terms["delta"] is None or coef is None
-                            else terms["delta"][s, k],
-                            "trend": None if terms["trend"] is None or coef is None
-                            else terms["trend"][s, k],
-                            "coef": entry_coef})
+            entry = {"cache": cache[g, s, k],
+                     "delta": None if terms["delta"] is None or coef is None else terms["delta"][s, k],
+                     "trend": None if terms["trend"] is None or coef is None else terms["trend"][s, k],
+                     "coef": entry_coef}
+            for j, name in enumerate(("prev", *HISTORY), start=1):
+                entry[name] = cache[(g - j) % generations, s, k] if j <= history else None
+            entries.append(entry)
     threshold = draw_threshold(data, [score for entry in entries for score in branch_scores(entry)], device)
     kwargs = {"delta": terms["delta"], "trend": terms["trend"], "coef": coef,
               "token_threshold": threshold}
     expected = reference.cached_segment(x, gates, cache, generation, **kwargs)
 
-    # Poison what is not read: the prior and Cp of zero coefficients, all of them without coef.
-    for s in range(blocks):
-        for k in range(2):
-            alpha, beta, gamma = coef_floats(coef[s, k]) if coef is not None else (0.0,) * 3
-            for term, value in (("delta", alpha), ("trend", gamma)):
-                if value == 0.0 and writable[term] is not None:
-                    writable[term][s, k] = NAN
-            if beta == 0.0 and generations == 2:
-                cache_entries[1 - int(generation[s, k]), s, k] = NAN
+    # Poison what is not read: the prior and history generations of zero coefficients, and the
+    # generations past K; all of them without coef.
+    for index, entry in enumerate(entries):
+        s, k = divmod(index, 2)
+        g = int(generation[s, k])
+        values = coef_floats(entry["coef"])
+        for term, value in (("delta", values[0]), ("trend", values[2])):
+            if value == 0.0 and writable[term] is not None:
+                writable[term][s, k] = NAN
+        read = {0} | {j for j, name in enumerate(("prev", *HISTORY), start=1)
+                      if entry[name] is not None and name not in unread(values, entry)}
+        for j in set(range(generations)) - read:
+            cache_entries[(g - j) % generations, s, k] = NAN
     out = run_backend(backend, "cached_segment", x, gates, cache, generation, **kwargs)
     assert_matches(out, expected, dtype)
     assert torch.equal(expected, reference.cached_segment(x, gates, cache, generation, **kwargs))
