@@ -111,13 +111,13 @@ def sample_accuracy(model, num_samples: int = 1000, *, cfg_scale: float = 3.0, n
 
     Returns {"overall": accuracy, "per_class": {class name: accuracy}, "mean_pixel_per_class": {...},
     "num_samples", "cfg_scale", "num_steps", "seed_base"} (a blank class shows as mean pixel near −1)."""
-    from ..diffusion import DDIMSampler
-    from .demo import demo_batch
+    from ..diffusion import DDIMSampler, noise_for_seed
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < model.num_classes:
         raise InputValueError(f"num_samples must be an int >= the number of classes ({model.num_classes}), "
                               f"got {num_samples!r}")
-    noise, labels = demo_batch(model, num_samples, seed_base)
+    labels = torch.arange(num_samples) % model.num_classes  # as testbed.demo.demo_batch
+    noise = torch.cat([noise_for_seed(model, seed_base + i) for i in range(num_samples)])
     sampler = DDIMSampler(num_steps)
     images = torch.cat([sampler.sample(model, noise[i : i + batch_size], labels[i : i + batch_size],
                                        cfg_scale=cfg_scale, progress=False)
