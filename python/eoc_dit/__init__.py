@@ -13,7 +13,7 @@ from .fitting import fit_coefficients
 from .models import DiT, DiT_models, load_dit
 from .patching import EOCHandle, apply_eoc, remove_eoc
 from .prior import CoefficientFit, Prior, model_fingerprint
-from .schedules import FORASchedule, MaskSchedule
+from .schedules import FORASchedule, MaskSchedule, TaylorSeerSchedule
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,6 @@ __all__ = [
     "BlockAdapter", "DiTAdapter", "DiTBlockAdapter", "ModelAdapter", "EOCConfig", "DDIMSampler", "DDPMSampler",
     "DiT", "DiT_models", "load_dit", "fit_coefficients", "CoefficientFit", "EOCHandle", "apply_eoc", "remove_eoc",
     "Prior", "calibrate",
-    "model_fingerprint", "noise_for_seed", "FORASchedule", "MaskSchedule",
+    "model_fingerprint", "noise_for_seed", "FORASchedule", "MaskSchedule", "TaylorSeerSchedule",
     "sample_pairs",
 ]
