@@ -185,17 +185,21 @@ def judge(prior: Prior, config: EOCConfig, step: int, history: tuple[int, ...], 
     """Offline judgment (docs/DESIGN.md §2, level 1) on the prior's held-out calibration statistics: ``coef``
     where plain reuse's relative error exceeds ``judge_threshold`` and the correction lowers the error
     by at least ``min_gain`` (None: no gain test), else zeros. The statistics measure corrections with
-    one non-zero coefficient reading at most C_1: a gain test of any other raises InputValueError."""
+    one non-zero coefficient reading at most C_1; any other correction (TaylorSeer or HiCache of order
+    >= 2) is not gain-tested under the default ``min_gain == 0`` (it is kept as the preset gives it), and a
+    non-zero ``min_gain`` for it raises InputValueError (a gain that cannot be measured is not claimed)."""
     source = history[0]
     plain = prior.plain_error(step, source, block, branch)
     if plain / max(prior.feature_energy(step, block, branch), 1e-30) <= config.judge_threshold:
         return ZERO_COEF
     if config.min_gain is not None:
         if sum(c != 0.0 for c in coef) != 1 or history_reads(coef) > 1:
+            if config.min_gain == 0.0:
+                return coef
             raise InputValueError(
                 f"EOCConfig.min_gain: the offline judgment's gain test measures corrections with one non-zero "
                 f"coefficient reading at most C_1 on the prior's statistics, but entry (step {step}, block {block}, "
-                f"branch {branch}) of mode {config.mode!r} has {coef}: pass min_gain=None "
+                f"branch {branch}) of mode {config.mode!r} has {coef}: pass min_gain=None or 0 "
                 "(judge_threshold still applies), or no prior")
         previous = history[1] if len(history) > 1 else None
         corrected = prior.corrected_error(step, source, previous, block, branch, coef)

@@ -703,9 +703,17 @@ def test_judgment_statistics_cover_one_history_difference(prior):
         prior.corrected_error(3, 2, 1, 0, 0, (0.0, 0.5))
     assert prior.corrected_error(3, 2, 1, 0, 0, (0.0, 0.5, 0.0, 0.0)) == prior.corrected_error(3, 2, 1, 0, 0,
                                                                                                 (0.0, 0.5, 0.0))
-    # A forecaster reading C_2 with a prior: the gain test cannot measure it, and says so; without it, it runs.
+    # A forecaster reading C_2 with a prior: the gain test cannot measure it, so the default min_gain = 0 keeps
+    # the preset's coefficients unjudged (as min_gain=None does), and a non-zero min_gain says it cannot.
     model = make_tiny_dit()
-    with pytest.raises(ValueError, match="min_gain.*min_gain=None"):
-        apply_eoc(model, FORASchedule(2), prior, EOCConfig(mode="taylorseer", order=2))
-    with apply_eoc(model, FORASchedule(2), prior, EOCConfig(mode="taylorseer", order=2, min_gain=None)) as handle:
-        assert handle.plan.num_generations == 3
+    with pytest.raises(ValueError, match="min_gain.*min_gain=None or 0"):
+        apply_eoc(model, FORASchedule(2), prior, EOCConfig(mode="taylorseer", order=2, min_gain=0.1))
+    plans = []
+    for min_gain in (0.0, None):
+        with apply_eoc(model, FORASchedule(2), prior, EOCConfig(mode="taylorseer", order=2,
+                                                                min_gain=min_gain)) as handle:
+            assert handle.plan.num_generations == 3
+            plans.append(handle.plan.entries)
+    # entries reading C_2 are kept as the preset gives them; those of order 1 (one β₁) are still gain-tested
+    reads_c2 = [key for key, entry in plans[1].items() if len(entry.coef) > 3 and entry.coef[3] != 0.0]
+    assert reads_c2 and all(plans[0][key] == plans[1][key] for key in reads_c2)
