@@ -24,6 +24,7 @@ import torch
 
 from .errors import InputError, InputValueError
 from .fitting import DEFAULT_GAINS, DEFAULT_TERMS
+from .sweep import METHOD_HELP
 
 SCHEDULE_HELP = "'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps)"
 
@@ -411,8 +412,8 @@ def cmd_train_classifier(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .images import image_grid, write_png
-    from .testbed.demo import format_table, run_demo
+    from .images import write_labelled_grid
+    from .testbed.demo import demo_grid, format_table, run_demo
 
     _check_writable(args.out)
     if args.interval < 2:
@@ -420,8 +421,10 @@ def cmd_demo(args) -> None:
     rows, grid = run_demo(args.samples, args.interval, args.mode, args.steps, progress=True)
     print(f"\nTestbed DiT (Fashion-MNIST), DDIM-{args.steps} with CFG, {args.samples} samples, {_device_name()}:\n")
     print(format_table(rows))
-    write_png(args.out, image_grid(grid, columns=grid.shape[0] // 3))
-    print(f"\ngrid (rows: uncached / FORA / FORA + EOC, same noise) -> {args.out}")
+    grid_rows, names, classes = demo_grid(rows, grid)
+    labelled = write_labelled_grid(args.out, grid_rows, names, classes)
+    print(f"\ngrid (rows: {' / '.join(names)}; same noise) -> {args.out}"
+          + ("" if labelled else " (unlabelled: matplotlib is not installed)"))
 
 
 def _device_name() -> str:
@@ -430,43 +433,70 @@ def _device_name() -> str:
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
 
 
-def cmd_evaluate(args) -> None:
-    from .images import image_grid, write_png
-    from .testbed.demo import (
-        PRESET_MODES,
-        evaluate,
-        format_table,
-        methods_for,
-        write_results,
-    )
+EVALUATE_OUTPUTS = ("results.csv", "results.md", "quality_vs_speed.png", "grid.png", "sweep.json", "uncached.npy")
 
-    _check_writable_folder(args.out_dir, ("results.csv", "results.md", "grid.png"), "--out-dir")
+
+def cmd_evaluate(args) -> None:
+    from . import sweep
+    from .images import write_labelled_grid
+    from .testbed.demo import run_sweep, sweep_grid
+
+    out = args.out_dir
+    _check_writable_folder(out, EVALUATE_OUTPUTS, "--out-dir")
+    csv_path, md_path, png_path = (os.path.join(out, name) for name in EVALUATE_OUTPUTS[:3])
+    if args.replot:  # the table and the figure again, from a finished (or partial) CSV; nothing is sampled
+        rows = sweep.read_rows(csv_path)
+        methods = [m.spec for m in sweep.parse_methods(args.methods)] if args.methods else ()
+        _write_sweep_outputs(rows, methods, (), md_path, png_path)
+        return
     if args.batch_size < 1:
         raise InputValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    bad = [n for n in args.intervals if n < 2]
-    if bad:
-        raise InputValueError(f"--intervals must be >= 2, got {bad}")
-    unknown = [m for m in args.modes if m not in PRESET_MODES]
-    if unknown:
-        raise InputValueError(f"--modes must be among {', '.join(PRESET_MODES)}, got {unknown}")
-    methods = methods_for(args.intervals, args.modes)
-    rows, samples = evaluate(methods, args.samples, args.steps, batch_size=args.batch_size, progress=_is_main(),
-                             seed_sets=args.seed_sets)  # under torchrun: batches shared, samples gathered
-    if not _is_main():
+    schedules = sweep.sweep_schedules(args.intervals, args.warmup_intervals, args.warmup_steps)
+    notes = []
+    if args.methods:
+        methods = sweep.parse_methods(args.methods)
+    else:
+        methods, missing = sweep.default_methods()
+        if missing:
+            notes.append(f"Not run: {', '.join(missing)} (their modes are not in this build's EOCConfig).")
+            print(notes[-1])
+    try:
+        rows, _, kept = run_sweep(schedules, methods, args.samples, out, num_steps=args.steps,
+                                  batch_size=args.batch_size, seed_sets=args.seed_sets, resume=args.resume,
+                                  progress=_is_main(), log=print)
+    except KeyboardInterrupt:  # every finished row is on disk already
+        print(f"\neoc evaluate: interrupted; the finished rows are in {csv_path} ('--resume' goes on from them)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    if not _is_main():  # under torchrun: batches shared, samples gathered; rank 0 writes
         return
-    seeds = ("evaluation seeds" if args.seed_sets == 1 else
-             "two evaluation seed sets A / B of half the samples each, seeds 100000+ and 200000+")
-    header = (f"Testbed DiT (Fashion-MNIST), DDIM-{args.steps} with CFG, {args.samples} samples ({seeds}), "
-              f"{_device_name()}, {time.strftime('%Y-%m-%d')}")
-    print("\n" + header + "\n\n" + format_table(rows))
-    csv_path, md_path = write_results(rows, args.out_dir, header)
+    _write_sweep_outputs(rows, [m.spec for m in methods], notes, md_path, png_path)
     grid_interval = args.grid_interval if args.grid_interval in args.intervals else args.intervals[0]
-    names = ["uncached", f"FORA N={grid_interval}"] + [f"FORA N={grid_interval} + EOC {m}"
-                                                      for m in ("trend", "calibrated") if m in args.modes]
-    grid = torch.cat([samples[name][:10] for name in names])
-    grid_path = os.path.join(args.out_dir, "grid.png")
-    write_png(grid_path, image_grid(grid, columns=grid.shape[0] // len(names)))
-    print(f"\n-> {csv_path}, {md_path}, {grid_path} (rows: {' / '.join(names)})")
+    grid_methods = [m for m in methods if m.spec in ("plain", "calibrated")] or methods[:1]
+    first_set = args.samples - args.samples // 2 if args.seed_sets == 2 else args.samples  # seeds 100000..
+    grid_rows, names, classes = sweep_grid(grid_interval, grid_methods, args.steps, shown=min(10, first_set),
+                                           kept=kept)
+    grid_path = os.path.join(out, "grid.png")
+    labelled = write_labelled_grid(grid_path, grid_rows, names, classes)
+    print(f"-> {grid_path} (rows: {' / '.join(names)}; the first {grid_rows[0].shape[0]} evaluation samples"
+          + ("" if labelled else "; unlabelled: matplotlib is not installed") + ")")
+
+
+def _write_sweep_outputs(rows, method_order, notes, md_path, png_path) -> None:
+    from . import sweep
+
+    table = sweep.format_markdown(rows, method_order, notes)
+    with open(md_path, "w") as f:
+        f.write(table)
+    print("\n" + table)
+    if not sweep.matplotlib_available():
+        print(f"-> {md_path} (no {png_path}: matplotlib is not installed; pip install -r requirements.txt)")
+        return
+    if any(r["method"] != sweep.UNCACHED for r in rows):
+        sweep.plot_quality_vs_speed(rows, png_path, method_order)
+        print(f"-> {md_path}, {png_path}")
+    else:
+        print(f"-> {md_path} (no cached rows yet: no figure)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -565,21 +595,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eoc_demo.png", help="PNG grid of the first 10 samples of each run")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("evaluate", help="sweep caching methods on the shipped testbed (CSV + Markdown + PNG grid)",
-                       description="Uncached, then FORA N with plain reuse and with each EOC mode, on the same "
-                                   "evaluation noise; PSNR and FD against the uncached samples, FD to the data, "
-                                   "accuracy, wall time and speedup measured in the same run.")
-    p.add_argument("--samples", type=int, default=2000, help="samples per method (default 2000)")
-    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5], help="FORA intervals (default 2 3 4 5)")
-    p.add_argument("--modes", nargs="+", default=["trend", "delta", "extrapolate", "calibrated"],
-                   help="EOC modes (default: all)")
+    p = sub.add_parser("evaluate", help="quality-vs-speed sweep on the shipped testbed (CSV, Markdown, figure, grid)",
+                       description="Uncached, then every (schedule, method) row on the same evaluation noise (two "
+                                   "seed sets, disjoint from the calibration seeds): pooled PSNR per seed set and "
+                                   "overall, mean and p10 of per-image PSNR, FD to uncached, fraction of full steps, "
+                                   "wall time and speedup measured in the same run. Each finished row is written "
+                                   "to OUT_DIR/results.csv at once; --resume skips the rows already there. Writes "
+                                   "results.md (best fixed preset per schedule marked, calibrated's margin over "
+                                   "it), quality_vs_speed.png and grid.png.")
+    p.add_argument("--samples", type=int, default=1000,
+                   help="samples per method, split evenly between the seed sets (default 1000: 500 per set)")
+    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5, 6],
+                   help="FORA intervals N (default 2 3 4 5 6)")
+    p.add_argument("--warmup-intervals", type=int, nargs="*", default=[4], metavar="N",
+                   help="intervals also run under TaylorSeer's warm-up schedule (--warmup-steps W full steps, then one "
+                        "every N from step W - 1: FORASchedule(N, warmup=W - 1); default 4; none with an empty list)")
+    p.add_argument("--warmup-steps", type=int, default=2,
+                   help="W, TaylorSeer's first_enhance (default 2: full steps 0, 1, 5, 9, ... for N = 4)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
+                   help=f"methods ({METHOD_HELP}); default: plain, taylorseer:1-3, hicache:1-3, extrapolate:0.8 / 1 "
+                        "/ 1.2, trend, delta, calibrated (a mode this build lacks is left out with a note)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps; the shipped prior is for 20 (default)")
     p.add_argument("--batch-size", type=int, default=500, help="samples per sampling call (default 500)")
     p.add_argument("--seed-sets", type=int, choices=(1, 2), default=2,
-                   help="evaluation seed sets the samples are split between; with 2, PSNR and FD to uncached are "
-                        "also reported per set (default 2)")
+                   help="evaluation seed sets (100000+, 200000+) the samples are split between (default 2)")
     p.add_argument("--grid-interval", type=int, default=3, help="FORA interval shown in grid.png (default 3)")
-    p.add_argument("--out-dir", default=".", help="folder for results.csv, results.md and grid.png")
+    p.add_argument("--out-dir", default=".", help="folder for the outputs (default: the current folder)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with OUT_DIR/results.csv: rows already there are not run again (same settings, "
+                        "model and prior required)")
+    p.add_argument("--replot", action="store_true",
+                   help="only rewrite results.md and quality_vs_speed.png from OUT_DIR/results.csv (no sampling)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train-testbed", help="train the testbed DiT on Fashion-MNIST (CPU, under an hour)",

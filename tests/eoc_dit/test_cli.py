@@ -527,6 +527,32 @@ def test_evaluate_output_checks(capsys, tmp_path, monkeypatch):
     _fails(capsys, ["evaluate", "--out-dir", str(tmp_path), "--batch-size", "0"], match="--batch-size must be >= 1")
 
 
+def test_evaluate_sweep_outputs_and_resume_are_checked_before_sampling(capsys, tmp_path, monkeypatch):
+    from eoc_dit.testbed import demo
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before the checks")
+
+    monkeypatch.setattr(demo, "sample_method", never)
+    (tmp_path / "quality_vs_speed.png").mkdir()
+    _fails(capsys, ["evaluate", "--out-dir", str(tmp_path)], match="quality_vs_speed.png: it is a folder")
+    (tmp_path / "quality_vs_speed.png").rmdir()
+    (tmp_path / "results.csv").write_text("old")  # not written by a resumable sweep
+    _fails(capsys, ["evaluate", "--out-dir", str(tmp_path), "--resume"], match="--resume: .*sweep.json is missing")
+    _fails(capsys, ["evaluate", "--out-dir", str(tmp_path), "--replot"], match="not a results CSV")
+    _fails(capsys, ["evaluate", "--out-dir", str(tmp_path), "--methods", "extrapolate:x"],
+           match="method 'extrapolate:x': theta must be a number")
+
+
+def test_evaluate_help_names_the_sweep_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--methods", "--intervals", "--warmup-intervals", "--samples", "--resume", "--replot",
+                   "taylorseer:ORDER", "hicache:ORDER[:SIGMA]"):
+        assert option in out
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--seeds", str(2**64)], r"--seeds must lie in"),
     (["--seeds", str(-(2**63) - 1)], r"--seeds must lie in"),

@@ -1,12 +1,21 @@
 """eoc_dit.images: the sample grid layout and the PNG writer, read back by a minimal PNG decoder."""
 
 import struct
+import sys
 import zlib
 
 import pytest
 import torch
 
-from eoc_dit.images import image_grid, write_png
+from eoc_dit.images import (
+    LABEL_DPI,
+    difference_images,
+    image_grid,
+    labelled_grid_figure,
+    upscale,
+    write_labelled_grid,
+    write_png,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -170,3 +179,90 @@ def test_decoder_rejects_a_corrupted_png(tmp_path):
     data[20] ^= 0xFF  # a byte of the IHDR data
     with pytest.raises(AssertionError, match="CRC"):
         decode_png(bytes(data))
+
+
+# ---------------------------------------------------------------------------------------------- labelled grids
+def test_grid_fill_colours_padding_and_empty_cells():
+    grid = image_grid(torch.full((3, 1, 2, 2), -1.0), columns=2, padding=1, fill=255)
+    assert int(grid[0].min()) == 255 and int(grid[:, 0].min()) == 255  # padding strips
+    assert int(grid[4:6, 4:6].min()) == 255  # the empty fourth cell
+    assert int(grid[1:3, 1:3].max()) == 0  # an image (-1 → 0)
+    for bad in (-1, 256, 1.0, True):
+        with pytest.raises(ValueError):
+            image_grid(torch.zeros(1, 1, 2, 2), fill=bad)
+
+
+def test_upscale_is_nearest_neighbour():
+    image = torch.arange(6, dtype=torch.uint8).view(2, 3, 1)
+    big = upscale(image, 3)
+    assert big.shape == (6, 9, 1)
+    assert torch.equal(big[::3, ::3], image) and torch.equal(big[2::3, 2::3], image)
+    assert torch.equal(big[3:6, 6:9, 0], torch.full((3, 3), 5, dtype=torch.uint8))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError):
+            upscale(image, bad)
+
+
+def test_difference_images_amplify_and_clamp():
+    reference = torch.zeros(1, 1, 1, 4)
+    images = torch.tensor([0.0, 0.1, -0.25, 0.9]).view(1, 1, 1, 4)
+    diff = difference_images(images, reference, gain=4)
+    # 4·|Δ| on the image scale: 0 → -1 (black), 0.1 → -0.6, 0.25 → 0, 0.9 → clamped to 1 (white).
+    assert torch.allclose(diff.flatten(), torch.tensor([-1.0, -0.6, 0.0, 1.0]))
+    one = torch.ones(1, 1, 1, 1)
+    assert torch.equal(difference_images(5 * one, one), -one)  # clamped to [-1, 1] first, as the metrics do
+    with pytest.raises(ValueError):
+        difference_images(images, torch.zeros(1, 1, 1, 3))
+    with pytest.raises(ValueError):
+        difference_images(images, reference, gain=0)
+
+
+def _labelled_rows():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 1, 5, 4, generator=gen) * 2 - 1 for _ in range(2)]
+
+
+def test_labelled_grid_size_labels_and_pixels(tmp_path):
+    import matplotlib.image
+
+    rows, scale, padding = _labelled_rows(), 4, 2
+    fig = labelled_grid_figure(rows, ["uncached", "|FORA N=3 − uncached| ×4"], ["T-shirt/top", "Trouser", "Bag"],
+                               scale=scale, padding=padding)
+    texts = [t.get_text() for t in fig.texts]
+    assert texts == ["uncached", "|FORA N=3 − uncached| ×4", "T-shirt/top", "Trouser", "Bag"]
+    width, height = (int(round(v)) for v in fig.get_size_inches() * fig.dpi)
+    grid = upscale(image_grid(torch.cat(rows), columns=3, padding=padding, fill=255), scale)
+    assert grid.shape[:2] == ((2 * (5 + padding) + padding) * scale, (3 * (4 + padding) + padding) * scale)
+    assert width > grid.shape[1] + 40 and height > grid.shape[0]  # margins for the row and column labels
+    # Row labels sit left of the grid, right-aligned; column labels above it, centred on their columns.
+    assert all(t.get_horizontalalignment() == "right" for t in fig.texts[:2])
+    xs = [t.get_position()[0] * width for t in fig.texts[2:]]
+    assert xs[1] - xs[0] == pytest.approx((4 + padding) * scale) and xs[2] - xs[1] == pytest.approx(xs[1] - xs[0])
+    path = tmp_path / "grid.png"
+    assert write_labelled_grid(path, rows, ["uncached", "|FORA N=3 − uncached| ×4"], ["T-shirt/top", "Trouser",
+                                                                                       "Bag"]) is True
+    pixels = matplotlib.image.imread(path)  # float RGBA [H, W, 4]
+    assert pixels.shape[:2] == (height, width) and fig.dpi == LABEL_DPI
+    # The grid is placed unresampled, bottom-aligned above the bottom margin and right of the labels.
+    left = width - 6 - grid.shape[1]
+    top = height - 6 - grid.shape[0]
+    shown = torch.from_numpy((pixels[top:top + grid.shape[0], left:left + grid.shape[1], 0] * 255).round())
+    assert torch.equal(shown.to(torch.uint8), grid[..., 0])
+
+
+def test_labelled_grid_refuses_mismatched_labels():
+    rows = _labelled_rows()
+    with pytest.raises(ValueError, match="one label per row"):
+        labelled_grid_figure(rows, ["one"])
+    with pytest.raises(ValueError, match="one label per column"):
+        labelled_grid_figure(rows, ["a", "b"], ["x"])
+    with pytest.raises(ValueError, match="every row"):
+        labelled_grid_figure([rows[0], rows[1][:2]], ["a", "b"])
+
+
+def test_labelled_grid_without_matplotlib_writes_the_same_pixels_unlabelled(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    rows = _labelled_rows()
+    assert write_labelled_grid(tmp_path / "g.png", rows, ["a", "b"], ["x", "y", "z"], scale=2) is False
+    decoded, _ = decode_png((tmp_path / "g.png").read_bytes())
+    assert torch.equal(decoded, upscale(image_grid(torch.cat(rows), columns=3, fill=255), 2))

@@ -84,25 +84,28 @@ def test_eoc_demo_with_a_corrupted_shipped_file(capsys, tmp_path, monkeypatch):
 
 
 def test_eoc_evaluate_cli(capsys, tmp_path):
-    argv = ["evaluate", "--samples", "5", "--intervals", "2", "4", "--modes", "trend", "calibrated",
-            "--out-dir", str(tmp_path)]
+    argv = ["evaluate", "--samples", "5", "--intervals", "2", "4", "--warmup-intervals", "--methods", "plain", "trend",
+            "calibrated", "--out-dir", str(tmp_path)]
     assert main(argv) == 0
     rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 1 + 2 * 3 and rows[0].startswith("method,interval,mode,caching_level")
+    assert len(rows) == 1 + 1 + 2 * 3 and rows[0].startswith("schedule,method,label,full_fraction")
     table = (tmp_path / "results.md").read_text()
-    assert "| FORA N=4 + EOC calibrated |" in table and "PSNR per seed set" in table
-    assert "5 samples (two evaluation seed sets" in table
+    assert "| FORA N=4 | calibrated |" in table and "pooled PSNR A / B" in table
+    assert "5 samples per method (evaluation seed sets A=100000+ / B=200000+" in table
     # Two seed sets (3 + 2 samples): the per-set PSNR of a row are the PSNR of its halves.
-    fora = next(r for r in csv.DictReader(io.StringIO("\n".join(rows))) if r["method"] == "FORA N=2")
-    per_set = [float(v) for v in fora["psnr_sets"].split(";")]
-    assert len(per_set) == 2 and min(per_set) <= float(fora["psnr"]) <= max(per_set)
+    fora = next(r for r in csv.DictReader(io.StringIO("\n".join(rows))) if (r["schedule"], r["method"]) == ("fora:2",
+                                                                                                           "plain"))
+    per_set = [float(fora["psnr_a"]), float(fora["psnr_b"])]
+    assert min(per_set) <= float(fora["psnr"]) <= max(per_set)
     # Pooled: the MSE of all 5 samples is the sample-weighted mean of the halves' MSEs (4 · 10^(−PSNR/10)).
     mse = [4 * 10 ** (-v / 10) for v in per_set]
     assert float(fora["psnr"]) == pytest.approx(10 * math.log10(4 / ((3 * mse[0] + 2 * mse[1]) / 5)), rel=1e-4)
     assert float(fora["p10_image_psnr"]) <= float(fora["mean_image_psnr"])
+    assert float(fora["full_fraction"]) == 0.5
     assert main(["evaluate", "--samples", "3", "--out-dir", str(tmp_path)]) == 2  # 2 sets need >= 4 samples
-    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["evaluate", "--modes", "bogus", "--out-dir", str(tmp_path)]) == 2
+    for name in ("grid.png", "quality_vs_speed.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["evaluate", "--methods", "bogus", "--out-dir", str(tmp_path)]) == 2
     assert main(["evaluate", "--out-dir", str(tmp_path / "missing")]) == 2
 
 
