@@ -6,11 +6,15 @@
 (a) Parity: every op's "triton" backend, and the "cuda" backend (the CUDA C++ kernels of
     csrc/cuda_ops.cu) where eoc_kernels._C was built with them, against the "torch" reference on fresh
     random inputs (odd and DiT shapes, B 1..4 and 64, fp32 / fp16 / bf16, every correction term, float
-    and tensor coefficients, token thresholds), and the patched DiT sampler (triton vs torch backend).
+    and tensor coefficients, token thresholds), the K-history correction (issue 10: K = 2 and 3 history
+    differences, prev2 / prev3, coef of length 4 / 5 with zeros in the middle, cached_segment over rings
+    of G = 3 and 4 generations), and the patched DiT sampler (triton vs torch backend).
     Prints PASS / FAIL per group; any FAIL makes the exit status 1.
 (b) Timings at DiT-XL/2 shapes (N = 256, C = 1152, 28 blocks, bf16, random weights), batches
     2 / 16 / 64: cached_block (fused triton and cuda vs eager vs torch.compile vs the copy-bandwidth
-    floor); the whole cached step, i.e. one cached_segment over every block (eager, triton and cuda,
+    floor); the K-history ops at K = 2 and 3 (cached_block, and cached_segment over every block with a
+    ring of K + 1 generations; fused vs eager vs the copy-bandwidth floor); the whole cached step, i.e.
+    one cached_segment over every block (eager, triton and cuda,
     plain and in a CUDA graph) against the full step; DDIM-20 sampling of 16 images with FORA N = 2 / 3,
     with and without EOC, against uncached. Without the CUDA kernels the report says "cuda backend: not
     built" and those rows are absent.
@@ -35,7 +39,7 @@ import time
 import traceback
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SECTIONS = ("parity", "block", "step", "sampling")
+SECTIONS = ("parity", "block", "history", "step", "sampling")
 
 
 def parse_args(argv=None):
@@ -63,6 +67,11 @@ TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(ato
               torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TERM_SETS = ((), ("delta",), ("prev",), ("trend",), ("delta", "prev"), ("prev", "trend"), ("delta", "prev", "trend"))
+HISTORIES = (2, 3)  # K of the K-history cases: P = K + 2 coefficients, a segment ring of G = K + 1
+#: (alpha, beta1, gamma, beta2, beta3) of the K-history cases: every term, or zeros in the middle (beta2 = 0
+#: with beta3 != 0 at K = 3: C_2 read for beta3 only; beta1 = 0 with beta2 != 0 at K = 2: C_1 for beta2 only).
+HISTORY_COEFS = {"full": (0.8, 0.6, -0.5, 0.4, -0.3), "zeros-between": (0.5, 0.0, 0.4, 0.7, 0.0),
+                 "zeros-between-3": (0.5, 0.6, 0.4, 0.0, -0.7)}
 SAMPLER_VARIANTS = ("plain", "extrapolate", "trend", "delta+threshold")
 
 
@@ -126,27 +135,33 @@ def fmt(value, spec=".3f", dry=False):
 
 
 def first_branch(case):
-    """(cache, prev, delta, trend, coef) of the first reused branch of a case."""
+    """(cache, corrected_feature keyword arguments) of the first reused branch of a case."""
+    from eoc_kernels import reference
+
     kw = case.kwargs
     if case.op == "cached_branch":
-        return case.args[2], kw["prev"], kw["delta"], kw["trend"], kw["coef"]
+        return case.args[2], dict(prev=kw["prev"], prev2=kw.get("prev2"), prev3=kw.get("prev3"), delta=kw["delta"],
+                                  trend=kw["trend"], coef=kw["coef"])
     if case.op == "cached_block":
-        return case.args[3], kw["prev_attn"], kw["delta_attn"], kw["trend_attn"], kw["coef_attn"]
+        return case.args[3], dict(prev=kw["prev_attn"], prev2=kw.get("prev2_attn"), prev3=kw.get("prev3_attn"),
+                                  delta=kw["delta_attn"], trend=kw["trend_attn"], coef=kw["coef_attn"])
     cache, generation = case.args[2], case.args[3]
-    g = int(generation[0, 0])
-    prev = cache[1 - g, 0, 0] if cache.shape[0] == 2 else None
+    generations, g = cache.shape[0], int(generation[0, 0])
+    history = reference.segment_history(generations, None if kw["coef"] is None else kw["coef"].shape[-1])
+    previous = {name: cache[(g - j) % generations, 0, 0] if j <= history else None
+                for j, name in enumerate(("prev", "prev2", "prev3"), start=1)}
     delta = None if kw["delta"] is None else kw["delta"][0, 0]
     trend = None if kw["trend"] is None else kw["trend"][0, 0]
     coef = kw["coef"][0, 0] if kw["coef"] is not None else (0.0, 0.0, 0.0)
-    return cache[g if cache.shape[0] == 2 else 0, 0, 0], prev, delta, trend, coef
+    return cache[g, 0, 0], dict(previous, delta=delta, trend=trend, coef=coef)
 
 
 def splitting_threshold(case) -> float:
     """A token threshold in a clear gap between the middle judgment scores of the case's first branch."""
     from eoc_kernels import reference
 
-    cache, prev, delta, trend, coef = first_branch(case)
-    fhat = reference.corrected_feature(cache, prev=prev, delta=delta, trend=trend, coef=coef)
+    cache, terms = first_branch(case)
+    fhat = reference.corrected_feature(cache, **terms)
     scores = ((fhat - cache.float()).norm(dim=-1) / (cache.float().norm(dim=-1) + 1e-6)).flatten().sort().values
     middle = scores[len(scores) // 4: 3 * len(scores) // 4 + 1]
     if len(middle) < 2:
@@ -186,17 +201,117 @@ def parity_cases(plan):
     return cases
 
 
-def run_parity_case(plan, spec, seed, backend="triton"):
+def history_case(op, batch, tokens, channels, dtype, device, *, history, pattern="full", blocks=4,
+                 coef_tensor=False, token_threshold=0.0, threshold_tensor=False, heads=None, seed=0):
+    """A K-history case of op (common.OpCase): every term (delta, trend, C_1..C_K) with
+    coef = HISTORY_COEFS[pattern][:K + 2]; cached_segment over S = blocks with a ring of G = K + 1
+    generations (random generation per entry, coef [S, 2, K + 2]). bytes_moved counts what an ideal
+    kernel reads (a tensor used only by terms with zero coefficients is skipped) and writes."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    heads = heads if heads is not None else (2 if batch % 2 == 0 else 1)
+    coef = HISTORY_COEFS[pattern][:history + 2]
+    alpha, beta1, gamma, beta2, beta3 = (*coef, 0.0, 0.0)[:5]
+    # C_j read when a term using it is on: C_1 by beta1, beta2; C_2 by beta2, beta3; C_3 by beta3.
+    reads = [True, beta1 != 0 or beta2 != 0, beta2 != 0 or beta3 != 0, beta3 != 0][:history + 1]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    def feature(*shape):
+        return randn(*shape).to(dtype)
+
+    def history_tensors(*lead):  # C_0 .. C_K, each drifting from the one before
+        tensors = [randn(*lead, batch, tokens, channels)]
+        for _ in range(history):
+            tensors.append(tensors[-1] - 0.3 * randn(*lead, batch, tokens, channels))
+        return [tensor.to(dtype) for tensor in tensors]
+
+    x = feature(batch, tokens, channels)
+    threshold = torch.tensor([token_threshold], dtype=torch.float32, device=device) if threshold_tensor \
+        else token_threshold
+    shapes = {"B": batch, "N": tokens, "C": channels, "H": heads, "K": history}
+    bytes_moved = 2 * common.tensor_bytes(x)  # x read, the output written
+
+    def coef_arg(*lead):
+        values = torch.tensor(coef, dtype=torch.float32, device=device)
+        return values.expand(*lead, len(coef)).contiguous() if lead or coef_tensor else coef
+
+    if op in ("cached_branch", "cached_block"):
+        suffixes = [""] if op == "cached_branch" else ["_attn", "_mlp"]
+        args, kwargs = [x], dict(token_threshold=threshold)
+        gates, caches = [], []
+        for suffix in suffixes:
+            tensors = history_tensors()
+            gate, delta = feature(batch, channels), 0.3 * feature(heads, tokens, channels)
+            trend = (2 * torch.rand(heads, tokens, channels, generator=gen, device=device) - 1).to(dtype)
+            gates.append(gate)
+            caches.append(tensors[0])
+            kwargs |= {f"prev{suffix}": tensors[1], f"delta{suffix}": delta, f"trend{suffix}": trend,
+                       f"coef{suffix}": coef_arg()}
+            kwargs |= {f"{name}{suffix}": tensor for name, tensor in zip(("prev2", "prev3"), tensors[2:])}
+            bytes_moved += common.tensor_bytes(gate, *[t for t, read in zip(tensors, reads) if read])
+            bytes_moved += common.tensor_bytes(*[t for t, c in ((delta, alpha), (trend, gamma)) if c != 0])
+        return common.OpCase(op, tuple(args + gates + caches), kwargs, bytes_moved, shapes)
+    generations = history + 1
+    gates = feature(batch, blocks, 2, channels)
+    tensors = history_tensors(blocks, 2)  # C_j of every entry: [S, 2, B, N, C]
+    generation = torch.randint(0, generations, (blocks, 2), generator=gen, device=device, dtype=torch.int32)
+    cache = torch.empty(generations, blocks, 2, batch, tokens, channels, dtype=dtype, device=device)
+    for (s, k), g in zip(itertools.product(range(blocks), range(2)), generation.flatten().tolist()):
+        for j, tensor in enumerate(tensors):  # C_j of entry (s, k) in generation (generation[s, k] - j) mod G
+            cache[(g - j) % generations, s, k] = tensor[s, k]
+    del tensors
+    delta = 0.3 * feature(blocks, 2, heads, tokens, channels)
+    trend = (2 * torch.rand(blocks, 2, heads, tokens, channels, generator=gen, device=device) - 1).to(dtype)
+    per_generation = common.tensor_bytes(cache[0])
+    bytes_moved += common.tensor_bytes(gates, *[t for t, c in ((delta, alpha), (trend, gamma)) if c != 0])
+    bytes_moved += per_generation * sum(reads)
+    shapes |= {"S": blocks, "G": generations}
+    return common.OpCase(op, (x, gates, cache, generation),
+                         dict(delta=delta, trend=trend, coef=coef_arg(blocks, 2), token_threshold=threshold),
+                         bytes_moved, shapes)
+
+
+def history_parity_cases(plan):
+    """The K-history parity cases: per op, K = 2 and 3 at every dtype (odd shape and DiT row), float and
+    tensor coefficients (cached_segment: a tensor), threshold 0 and a splitting tensor threshold, the
+    zeros-between patterns."""
+    cases = []
+    for op in common.OPS:
+        coef_forms = (False, True) if op != "cached_segment" else (True,)
+        for history, dtype, shape in itertools.product(HISTORIES, DTYPES, (plan.odd_shape, plan.dit_shape)):
+            cases.append(dict(op=op, shape=shape, dtype=dtype, history=history))
+        for history, coef_tensor, threshold in itertools.product(HISTORIES, coef_forms, (0.0, "split")):
+            cases.append(dict(op=op, shape=plan.heads_shape, dtype=torch.bfloat16, history=history,
+                              coef_tensor=coef_tensor, threshold=threshold, threshold_tensor=threshold == "split"))
+        for history, pattern in ((2, "zeros-between"), (3, "zeros-between-3")):
+            for coef_tensor in coef_forms:
+                cases.append(dict(op=op, shape=plan.odd_shape, dtype=torch.float32, history=history,
+                                  pattern=pattern, coef_tensor=coef_tensor))
+    return cases
+
+
+def make_parity_case(plan, spec, seed, token_threshold=0.0):
     batch, tokens, channels = spec["shape"]
-    options = dict(terms=spec["terms"], heads=spec.get("heads"), blocks=plan.parity_blocks,
-                   coef_tensor=spec.get("coef_tensor", False), coef_scale=spec.get("coef_scale", 1.0),
-                   threshold_tensor=spec.get("threshold_tensor", False), seed=seed)
+    if "history" in spec:
+        return history_case(spec["op"], batch, tokens, channels, spec["dtype"], plan.device, history=spec["history"],
+                            pattern=spec.get("pattern", "full"), blocks=plan.parity_blocks,
+                            coef_tensor=spec.get("coef_tensor", False), token_threshold=token_threshold,
+                            threshold_tensor=spec.get("threshold_tensor", False), heads=spec.get("heads"), seed=seed)
+    return common.make_case(spec["op"], batch, tokens, channels, spec["dtype"], plan.device, terms=spec["terms"],
+                            heads=spec.get("heads"), blocks=plan.parity_blocks,
+                            coef_tensor=spec.get("coef_tensor", False), coef_scale=spec.get("coef_scale", 1.0),
+                            threshold_tensor=spec.get("threshold_tensor", False), token_threshold=token_threshold,
+                            seed=seed)
+
+
+def run_parity_case(plan, spec, seed, backend="triton"):
     threshold = spec.get("threshold", 0.0)
-    case = common.make_case(spec["op"], batch, tokens, channels, spec["dtype"], plan.device, **options)
+    case = make_parity_case(plan, spec, seed)
     if threshold == "split":
         threshold = splitting_threshold(case)
-        case = common.make_case(spec["op"], batch, tokens, channels, spec["dtype"], plan.device,
-                                token_threshold=threshold, **options)
+        case = make_parity_case(plan, spec, seed, token_threshold=threshold)
     expected = case.run("torch")
     got = case.run(backend)
     tol = dict(TOLERANCES[spec["dtype"]])
@@ -210,7 +325,9 @@ def run_parity_case(plan, spec, seed, backend="triton"):
 
 
 def describe_case(spec, threshold):
-    terms = "+".join(spec["terms"]) or "none"
+    terms = "+".join(spec.get("terms", ())) or "none"
+    if "history" in spec:
+        terms = f"all, K={spec['history']}" + (f" {spec['pattern']}" if spec.get("pattern") else "")
     parts = [spec["op"], "x".join(map(str, spec["shape"])), common.dtype_name(spec["dtype"]), f"terms={terms}"]
     if spec.get("coef_scale", 1.0) == 0.0:
         parts.append("coef=0")
@@ -230,7 +347,7 @@ def op_parity(plan, results):
     log(plan.cuda_note)
     for backend in plan.fused_backends:
         start = time.perf_counter()
-        specs = parity_cases(plan)
+        specs = parity_cases(plan) + history_parity_cases(plan)
         backend_failures = 0
         for index, spec in enumerate(specs):
             try:
@@ -350,6 +467,37 @@ def block_timings(plan, results, copy_bw):
                 if row["batch"] == batch and row["correction"] == correction:
                     row["speedup_vs_eager"] = eager * 1e3 / row["ms"]
             del case
+
+
+def history_timings(plan, results, copy_bw):
+    """The K-history ops, bf16, K = 2 and 3 (every term): cached_block, and cached_segment over every block
+    of the model with a ring of K + 1 generations; fused backends vs the eager reference vs bytes ÷ copy
+    bandwidth (bytes: what an ideal kernel reads and writes)."""
+    dtype = torch.bfloat16
+    shapes = common.describe_shapes(plan.model_shapes)
+    for op, batch, history in itertools.product(("cached_block", "cached_segment"), plan.block_batches, HISTORIES):
+        case = history_case(op, batch, shapes["N"], shapes["C"], dtype, plan.device, history=history,
+                            blocks=shapes["L"], coef_tensor=True)
+        variants = {f"fused ({backend})": lambda case=case, backend=backend: case.run(backend)
+                    for backend in plan.fused_backends}
+        variants["eager (torch)"] = lambda case=case: case.run("torch")
+        rows = []
+        for name, fn in variants.items():
+            seconds = common.time_call(fn, plan.device, repeats=plan.repeats, warmup=2,
+                                       inner=plan.inner if op == "cached_block" else 1)
+            rows.append(dict(op=op, batch=batch, history=history, variant=name, ms=seconds * 1e3,
+                             bytes_moved=case.bytes_moved, gbps=common.gbps(case.bytes_moved, seconds),
+                             pct_copy_bw=100 * case.bytes_moved / seconds / copy_bw))
+        rows.append(dict(op=op, batch=batch, history=history, variant="bytes ÷ copy bandwidth",
+                         ms=case.bytes_moved / copy_bw * 1e3, bytes_moved=case.bytes_moved, gbps=copy_bw / 1e9,
+                         pct_copy_bw=100.0))
+        eager_ms = next(row["ms"] for row in rows if row["variant"] == "eager (torch)")
+        for row in rows:
+            row["speedup_vs_eager"] = eager_ms / row["ms"]
+        results["history"] += rows
+        del case
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _capture(fn):
@@ -504,6 +652,14 @@ def markdown(plan, results) -> str:
         lines += ["| sampler case | result | note |", "|---|---|---|"]
         lines += [f"| {cell(r['case'])} | {'PASS' if r['ok'] else 'FAIL'} | {cell(r['note']) if not dry else '(dry)'} |"
                   for r in samplers] + [""]
+    if results["history"]:
+        lines += [f"## K-history ops — N={shapes['N']}, C={shapes['C']}, bf16, every term, tensor coefficients; "
+                  f"cached_segment over {shapes['L']} blocks, a ring of K + 1 generations", "",
+                  "| op | batch | K | variant | µs | GB/s | % of copy BW | speedup vs eager |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['batch']} | {r['history']} | {r['variant']} | {fmt(r['ms'] * 1e3, '.1f', dry)} | "
+                  f"{fmt(r['gbps'], '.0f', dry)} | {fmt(r['pct_copy_bw'], '.0f', dry)} | "
+                  f"{fmt(r.get('speedup_vs_eager'), '.2f', dry)} |" for r in results["history"]] + [""]
     if results["cached_block"]:
         lines += [f"## cached_block — N={shapes['N']}, C={shapes['C']}, bf16 "
                   f"(copy bandwidth {fmt(results['copy_bandwidth_gbps'], '.0f', dry)} GB/s)", "",
@@ -575,6 +731,7 @@ def main(args) -> int:
     if plan.dry_run:
         torch.set_num_threads(1)  # tiny tensors: a second intra-op thread only spins on a shared CPU
     results = dict(environment=common.environment(plan.device), dry_run=plan.dry_run, parity=[], cached_block=[],
+                   history=[],
                    step=[], sampling=[], errors={}, copy_bandwidth_gbps=None, cuda_backend=plan.cuda_note)
     log(f"{common.environment_line(results['environment'])}{' · DRY RUN' if plan.dry_run else ''}")
     failures = 0
@@ -586,6 +743,7 @@ def main(args) -> int:
     model = None
     # The step and sampling sections read `model` late on purpose: it is built by the first of them to run.
     for section, run in (("block", lambda: block_timings(plan, results, copy_bw)),
+                         ("history", lambda: history_timings(plan, results, copy_bw)),
                          ("step", lambda: step_timings(plan, results, model)),  # noqa: B023
                          ("sampling", lambda: sampling_timings(plan, results, model))):  # noqa: B023
         if section in args.skip:
