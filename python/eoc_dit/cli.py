@@ -271,10 +271,15 @@ def cmd_sample(args) -> None:
     # Everything that can be checked without running the model fails here, before any progress bar.
     schedule = _parse_schedule(args.schedule)
     mode = args.mode or ("calibrated" if args.prior else "none")  # as apply_eoc: calibrated by default with a prior
-    config = None if mode == "none" else EOCConfig(mode=mode, theta=args.theta)
+    if (args.order is not None or args.sigma is not None) and mode not in ("taylorseer", "hicache"):
+        raise InputValueError(f"--order and --sigma are for --mode taylorseer / hicache, got --mode {mode}")
+    if args.sigma is not None and mode != "hicache":
+        raise InputValueError("--sigma is for --mode hicache")
+    forecaster = {k: v for k, v in (("order", args.order), ("sigma", args.sigma)) if v is not None}
+    config = None if mode == "none" else EOCConfig(mode=mode, theta=args.theta, **forecaster)
     if config is not None and config.needs_prior and not args.prior:
         raise InputValueError(f"--mode {mode} needs --prior (a file from 'eoc calibrate'); "
-                              "--mode extrapolate needs none")
+                              "--mode extrapolate, taylorseer and hicache need none")
     pairs = _pairs(args)
     prior = Prior.load(args.prior, device="cpu") if args.prior else None
     if prior is not None:
@@ -566,9 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampler_args(p)
     p.add_argument("--schedule", default="none", help=SCHEDULE_HELP)
-    p.add_argument("--mode", choices=("none", "trend", "delta", "extrapolate", "calibrated"), default=None,
+    p.add_argument("--mode", choices=("none", "trend", "delta", "extrapolate", "taylorseer", "hicache", "calibrated"),
+                   default=None,
                    help="EOC correction; 'none' = plain caching; 'calibrated' needs a prior fitted for the schedule "
                         "(default: calibrated with --prior, none without)")
+    p.add_argument("--order", type=int, default=None, help="order of --mode taylorseer / hicache (1-3, default 1)")
+    p.add_argument("--sigma", type=float, default=None, help="HiCache's Hermite scale (default 0.5)")
     p.add_argument("--theta", type=float, default=None, help="the preset's coefficient (default: the preset's)")
     p.add_argument("--prior", default=None, help="prior file from 'eoc calibrate' (trend and delta need one)")
     p.add_argument("--cfg-channels", type=int, default=None, metavar="K",

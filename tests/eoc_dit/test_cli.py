@@ -185,6 +185,16 @@ def test_sample_trend_with_prior_and_theta(prior_path, tmp_path, capsys):
     assert np.load(path).shape == (NUM_PAIRS, 1, 16, 16)
 
 
+def test_sample_taylorseer_order_2_needs_no_prior_and_differs_from_order_1(checkpoint_path, tmp_path, capsys):
+    # 7 steps of FORA N=2 compute 0, 2, 4, 6: step 5 has three computed features, so order 2 has its term there
+    paths = [tmp_path / f"ts{order}.npy" for order in (1, 2)]
+    for order, path in zip((1, 2), paths):
+        _ok(capsys, ["sample", "--checkpoint", str(checkpoint_path), "--steps", "7", "--labels", "0-1", "--seeds", "0",
+                     "1", "--schedule", "fora:2", "--mode", "taylorseer", "--order", str(order), "--out", str(path)])
+    first, second = (np.load(path) for path in paths)
+    assert first.shape == second.shape == (NUM_PAIRS, 1, 16, 16) and not np.array_equal(first, second)
+
+
 def test_sample_schedule_none_runs(tmp_path, capsys):
     path = tmp_path / "n.npy"
     out, _ = _ok(capsys, ["sample", *MODEL, *RUN, "--schedule", "none", "--out", str(path)])
@@ -330,6 +340,9 @@ def test_missing_checkpoint(capsys, tmp_path):
     (["--steps", "0"], "num_steps"),
     (["--input-size", "15"], "divisible"),
     (["--mode", "extrapolate", "--theta", "nan"], "theta"),
+    (["--mode", "extrapolate", "--order", "2"], "--order and --sigma are for --mode taylorseer / hicache"),
+    (["--mode", "taylorseer", "--sigma", "0.5"], "--sigma is for --mode hicache"),
+    (["--mode", "taylorseer", "--order", "4"], "order"),
 ])
 def test_other_sample_errors(capsys, tmp_path, extra, match):
     _fails(capsys, [*SAMPLE, *extra, "--out", str(tmp_path / "s.npy")], match=match)
