@@ -6,8 +6,9 @@
 
 Which variants: the launchers' own code decides. Each op's ``_launch`` runs on meta tensors (no data, no device)
 with its ``@triton.jit`` kernel replaced by a recorder, over every input form the public op accepts (each optional
-term given or not; coefficients as Python floats, each zero or not, or as a tensor; the token threshold as a float
-<= 0, a float > 0 or a tensor; for cached_segment G in {1, 2}, coef None or a tensor, S in {1, 3}), at every dtype
+term given or not, the history prev / prev2 / prev3 without gaps; coefficients as 5 Python floats, each zero or not,
+or as a tensor of length P = 3, 4 or 5; the token threshold as a float <= 0, a float > 0 or a tensor; for
+cached_segment a ring of G in {1, 2, 3, 4}, coef None or a tensor [S, 2, P], S in {1, 3}), at every dtype
 (fp32 / fp16 / bf16) and DiT width C in {256, 384, 768, 1024, 1152, 4096} (B = 2, N = 256, H = 1). BLOCK_M,
 BLOCK_C, WHOLE_ROWS, num_warps, the register budget and every constexpr flag therefore come from ``pick_blocks``
 and the launchers' flag logic (``branch_launch_args``, ``needs_whole_rows``): the table cannot drift from the code.
@@ -17,12 +18,14 @@ divisibility of pointers and integers, integers equal to 1 (unit strides, S = 1)
 the same kernel (signature, constexprs, attributes, options) are compiled once.
 
 Subsets (the counts of each are printed and recorded):
-- ci: the widest variant (every term, tensor coefficients; cached_segment: G = 2, delta and trend, S = 3) of each
-  kernel in both row modes (chunked: threshold 0; whole rows: a tensor threshold) at every dtype, width and arch.
-  Where register pressure, and so a spill, would show first.
-- table (default): the widest variants with every threshold form, at every dtype, width and arch; plus, at
-  C = 1152 in bf16, every flag state of every kernel (cached_block: the 16 x 16 pairs of branch states reduced to
-  those with both branches alike or one branch off, 46 of 256).
+- ci: the widest variant (every term with the full K = 3 history, tensor coefficients of length 5; cached_segment:
+  G = 4, P = 5, delta and trend, S = 3) of each kernel in both row modes (chunked: threshold 0; whole rows: a tensor
+  threshold) at every dtype, width and arch: where register pressure, and so a spill, would show first. Plus, at
+  C = 1152, the widest three-coefficient variant (P = 3; cached_segment G = 2), the kernel as it was before the K
+  history.
+- table (default): the widest variants (K = 3 and P = 3) with every threshold form, at every dtype, width and arch;
+  plus, at C = 1152 in bf16, every flag state of every kernel (cached_block: the pairs of branch states reduced to
+  those with both branches alike or one branch off).
 - all: every distinct kernel the launchers produce at these shapes (cached_block: all pairs).
 
 Per variant: registers, spill stores / loads and stack frame (from ``ptxas -v``, which Triton runs), local and
@@ -82,7 +85,9 @@ SWEEP_WIDTH, SWEEP_DTYPE = 1152, "bf16"  # the table's every-flag sweep
 BATCH, TOKENS, HEADS = 2, 256, 1
 SEGMENT_BLOCKS = (1, 3)  # the JIT specializes S = 1 (no loop over blocks) apart from S > 1
 THRESHOLDS = {"0": 0.0, "0.5": 0.5, "tensor": "tensor"}  # no judgment, judgment by a float, by a tensor
-TERMS = ("delta", "prev", "trend")  # coefficient order: alpha, beta, gamma
+TERMS = ("delta", "prev", "trend", "prev2", "prev3")  # coefficient order: alpha, beta1, gamma, beta2, beta3
+COEF_LENGTHS = (3, 4, 5)
+GENERATIONS = (1, 2, 3, 4)
 KERNELS = {"cached_branch": (_branch, "_cached_branch_kernel"),
            "cached_block": (_block, "_cached_block_kernel"),
            "cached_segment": (_segment, "_cached_segment_kernel")}
@@ -134,9 +139,10 @@ def meta(dtype, *shape):
 
 
 def coef_forms():
-    """(label, public coef): a tensor, or Python floats with each coefficient zero or not."""
-    yield "tensor", meta(torch.float32, 3)
-    for nonzero in itertools.product((False, True), repeat=3):
+    """(label, public coef): a tensor of each length P, or 5 Python floats with each coefficient zero or not."""
+    for length in COEF_LENGTHS:
+        yield f"tensor[{length}]", meta(torch.float32, length)
+    for nonzero in itertools.product((False, True), repeat=len(TERMS)):
         yield "floats " + "".join("1" if on else "0" for on in nonzero), tuple(0.5 if on else 0.0 for on in nonzero)
 
 
@@ -144,25 +150,30 @@ def threshold_arg(form):
     return meta(torch.float32, 1) if form == "tensor" else THRESHOLDS[form]
 
 
-WIDEST_STATE = ((True,) * 3, True)  # every term, tensor coefficients
-OFF_STATE = ((False,) * 3, False)  # no term
+WIDEST_STATE = ((True,) * 5, True)  # every term with the K = 3 history, tensor coefficients (P = 5)
+WIDEST3_STATE = ((True,) * 3 + (False,) * 2, True)  # every term of P = 3 (tensor coefficients): the kernel before K
+OFF_STATE = ((False,) * 5, False)  # no term
 
 
 def branch_states(x, channels, dtype):
     """One branch's distinct launch states: {(flags, coef_is_tensor): (label, tensors, coef)}.
 
     Every combination of given terms and coefficient forms, reduced by the launchers' own flag logic
-    (``branch_launch_args``) to the states that give different kernels (16).
+    (``branch_launch_args``) to the states that give different kernels.
     """
     full = dict(prev=meta(dtype, BATCH, TOKENS, channels), delta=meta(dtype, HEADS, TOKENS, channels),
-                trend=meta(dtype, HEADS, TOKENS, channels))
+                trend=meta(dtype, HEADS, TOKENS, channels), prev2=meta(dtype, BATCH, TOKENS, channels),
+                prev3=meta(dtype, BATCH, TOKENS, channels))
     states = {}
-    for given in itertools.product((False, True), repeat=3):
+    for given in itertools.product((False, True), repeat=len(TERMS)):
         tensors = {term: full[term] if on else None for term, on in zip(TERMS, given)}
+        if (tensors["prev2"] is not None and tensors["prev"] is None) or (
+                tensors["prev3"] is not None and tensors["prev2"] is None):
+            continue  # the public op refuses a gap in the history
         for coef_label, coef in coef_forms():
             values, tensor = _library.split_coef(coef)
-            launch = _common.branch_launch_args(x, tensors["prev"], tensors["delta"], tensors["trend"], values,
-                                                tensor)
+            launch = _common.branch_launch_args(x, tensors["prev"], tensors["prev2"], tensors["prev3"],
+                                                tensors["delta"], tensors["trend"], values, tensor)
             label = "+".join(term for term, on in zip(TERMS, given) if on) or "none"
             states.setdefault((launch["flags"], launch["coef_is_tensor"]), (f"{label} / coef {coef_label}",
                                                                              tensors, coef))
@@ -177,10 +188,11 @@ def branch_launches(channels, dtype, every_pair):
             threshold_value, threshold_tensor = _library.split_threshold(threshold_arg(form))
             with recorded(_branch, "_cached_branch_kernel") as recorder:
                 _branch._launch(meta(dtype, BATCH, TOKENS, channels), x, meta(dtype, BATCH, channels),
-                                meta(dtype, BATCH, TOKENS, channels), tensors["prev"], tensors["delta"],
-                                tensors["trend"], values, tensor, threshold_value, threshold_tensor)
-            yield dict(case=f"{label} / threshold {form}", widest=key == WIDEST_STATE, threshold=form), \
-                recorder.launches
+                                meta(dtype, BATCH, TOKENS, channels), tensors["prev"], tensors["prev2"],
+                                tensors["prev3"], tensors["delta"], tensors["trend"], values, tensor, threshold_value,
+                                threshold_tensor)
+            yield dict(case=f"{label} / threshold {form}", widest=key == WIDEST_STATE,
+                       widest3=key == WIDEST3_STATE, threshold=form), recorder.launches
 
 
 def block_launches(channels, dtype, every_pair):
@@ -198,17 +210,20 @@ def block_launches(channels, dtype, every_pair):
             gate = meta(dtype, BATCH, channels)
             with recorded(_block, "_cached_block_kernel") as recorder:
                 _block._launch(meta(dtype, BATCH, TOKENS, channels), x, gate, gate, cache, cache,
-                               tensors_a["prev"], tensors_m["prev"], tensors_a["delta"], tensors_m["delta"],
+                               tensors_a["prev"], tensors_m["prev"], tensors_a["prev2"], tensors_m["prev2"],
+                               tensors_a["prev3"], tensors_m["prev3"], tensors_a["delta"], tensors_m["delta"],
                                tensors_a["trend"], tensors_m["trend"], values_a + values_m, tensor_a, tensor_m,
                                threshold_value, threshold_tensor)
             yield dict(case=f"attn {label_a} | mlp {label_m} / threshold {form}",
-                       widest=key_a == key_m == WIDEST_STATE, threshold=form), recorder.launches
+                       widest=key_a == key_m == WIDEST_STATE, widest3=key_a == key_m == WIDEST3_STATE,
+                       threshold=form), recorder.launches
 
 
 def segment_launches(channels, dtype, every_pair):
     x = meta(dtype, BATCH, TOKENS, channels)
-    for blocks, generations, has_coef, has_delta, has_trend, form in itertools.product(
-            SEGMENT_BLOCKS, (1, 2), (False, True), (False, True), (False, True), THRESHOLDS):
+    for blocks, generations, length, has_delta, has_trend, form in itertools.product(
+            SEGMENT_BLOCKS, GENERATIONS, (None, *COEF_LENGTHS), (False, True), (False, True), THRESHOLDS):
+        has_coef = length is not None
         prior = (blocks, 2, HEADS, TOKENS, channels)
         threshold_value, threshold_tensor = _library.split_threshold(threshold_arg(form))
         with recorded(_segment, "_cached_segment_kernel") as recorder:
@@ -216,12 +231,13 @@ def segment_launches(channels, dtype, every_pair):
                              meta(dtype, generations, blocks, 2, BATCH, TOKENS, channels),
                              meta(torch.int32, blocks, 2), meta(dtype, *prior) if has_delta else None,
                              meta(dtype, *prior) if has_trend else None,
-                             meta(torch.float32, blocks, 2, 3) if has_coef else None, threshold_value,
+                             meta(torch.float32, blocks, 2, length) if has_coef else None, threshold_value,
                              threshold_tensor)
         terms = "+".join(name for name, on in (("delta", has_delta), ("trend", has_trend)) if on) or "none"
-        widest = has_coef and has_delta and has_trend and generations == 2 and blocks > 1
-        yield dict(case=f"S={blocks} G={generations} coef {'tensor' if has_coef else 'None'} / {terms} / "
-                        f"threshold {form}", widest=widest, threshold=form), recorder.launches
+        full = has_coef and has_delta and has_trend and blocks > 1
+        yield dict(case=f"S={blocks} G={generations} coef {f'tensor[S, 2, {length}]' if has_coef else 'None'} / "
+                        f"{terms} / threshold {form}", widest=full and generations == 4 and length == 5,
+                   widest3=full and generations == 2 and length == 3, threshold=form), recorder.launches
 
 
 LAUNCHES = {"cached_branch": branch_launches, "cached_block": block_launches, "cached_segment": segment_launches}
@@ -229,9 +245,10 @@ LAUNCHES = {"cached_branch": branch_launches, "cached_block": block_launches, "c
 
 def selected(subset, case, channels, dtype_name):
     if subset == "ci":
-        return case["widest"] and case["threshold"] in ("0", "tensor")
+        chosen = case["widest"] or (case["widest3"] and channels == SWEEP_WIDTH)
+        return chosen and case["threshold"] in ("0", "tensor")
     if subset == "table":
-        return case["widest"] or (channels == SWEEP_WIDTH and dtype_name == SWEEP_DTYPE)
+        return case["widest"] or case["widest3"] or (channels == SWEEP_WIDTH and dtype_name == SWEEP_DTYPE)
     return True
 
 
@@ -440,8 +457,9 @@ def comparison_lines(report, baseline):
     old = {(row["op"], row["arch"], row["dtype"], row["case"]): row for row in baseline["variants"]
            if 1152 in row["widths"] and row.get("widest") and "error" not in row}
     lines = [f"## C = 1152 (DiT-XL/2): commit {baseline['commit']} → {report['commit']}", "",
-             "The widest variant of each kernel (every term, tensor coefficients; segment S = 3, G = 2) per "
-             "threshold form. Threshold 0: no judgment, chunked rows now; tensor: whole rows (judgment). Counts "
+             "The widest variant of each kernel (every term with the K = 3 history, tensor coefficients; "
+             "segment S = 3, G = 4, P = 5) per threshold form. Threshold 0: no judgment, chunked rows now; "
+             "tensor: whole rows (judgment). Counts "
              "are instructions in the SASS, i.e. per chunk: chunked, a program of 256 threads covers its 16 rows "
              "in 9 chunks of 16 × 128 (bf16: 144 loads of 128 bits per input and row, all of them moving data), "
              "where one 2048-wide tile per row issued 256 (112 of them masked off).",

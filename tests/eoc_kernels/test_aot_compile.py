@@ -2,14 +2,15 @@
 
 Runs ``benchmarks/gpu/aot_compile.py --subset ci`` in a child process (it turns TRITON_INTERPRET off:
 tests/conftest.py turns the interpreter on without CUDA, and the interpreter compiles nothing). That
-compiles the widest variant of each kernel (every correction term, tensor coefficients; cached_segment
-with two generations and S = 3) in both row modes (chunked: threshold 0; whole rows: a tensor
-threshold) at fp32 / fp16 / bf16, each DiT width C in {256, 384, 768, 1024, 1152, 4096} and each of
-sm_80 and sm_90: the launchers' own blocking and flags, about 160 distinct kernels, one to two minutes
-on two cores. Fails on a compile error, any spill (spill stores / loads or local memory), a kernel
-without 128-bit global loads and stores, or a combination the subset misses. Needs only the triton
-wheel (its bundled ptxas, ptxas-blackwell and cuobjdump): the test fails, naming the tool, when the
-wheel lacks one, and skips only where triton itself is not installed.
+compiles the widest variant of each kernel (every correction term with the full K = 3 history, tensor
+coefficients of length 5; cached_segment over a ring of four generations, P = 5, S = 3) in both row modes
+(chunked: threshold 0; whole rows: a tensor threshold) at fp32 / fp16 / bf16, each DiT width C in
+{256, 384, 768, 1024, 1152, 4096} and each of sm_80 and sm_90, plus at C = 1152 the widest three-coefficient
+variant (the kernel as it was before the K history: P = 3, cached_segment G = 2): the launchers' own
+blocking and flags, 198 distinct kernels. Fails on a compile error, any spill (spill stores / loads or
+local memory), a kernel without 128-bit global loads and stores, or a combination the subset misses.
+Needs only the triton wheel (its bundled ptxas, ptxas-blackwell and cuobjdump): the test fails, naming
+the tool, when the wheel lacks one, and skips only where triton itself is not installed.
 """
 
 import json
@@ -22,7 +23,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to compile")
 
-pytestmark = pytest.mark.slow  # one to two minutes on two cores
+pytestmark = pytest.mark.slow  # minutes on two cores
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "aot_compile.py"
@@ -64,6 +65,30 @@ def test_loads_and_stores_are_128_bits_wide(report):
     narrow = [f"{describe(row)}: loads {row['loads']}, stores {row['stores']}" for row in report["variants"]
               if row["widest_load"] != 128 or row["widest_store"] != 128]
     assert not narrow, "\n".join(narrow)
+
+
+#: The K = 3 history flags of the widest variants, and their absence in the three-coefficient ones.
+HISTORY_FLAGS = {"cached_branch": ("HAS_PREV2", "HAS_PREV3"),
+                 "cached_block": ("HAS_PREV2_A", "HAS_PREV3_A", "HAS_PREV2_M", "HAS_PREV3_M"),
+                 "cached_segment": ("HAS_PREV2", "HAS_PREV3")}
+
+
+def test_subset_holds_the_full_history_and_the_three_coefficient_kernels(report):
+    full, three = set(), set()
+    for row in report["variants"]:
+        flags = row["flags"]
+        history = [flags[name] for name in HISTORY_FLAGS[row["op"]]]
+        keys = {(row["op"], row["arch"], row["dtype"], width, flags["WHOLE_ROWS"]) for width in row["widths"]}
+        if all(history) and flags.get("NUM_GENERATIONS", 4) == 4:
+            full |= keys
+        elif not any(history) and flags.get("NUM_GENERATIONS", 2) == 2:
+            three |= {key for key in keys if key[3] == 1152}
+    expected = {(op, f"sm_{arch}", dtype, width, whole)
+                for op in HISTORY_FLAGS for arch in (80, 90) for dtype in ("fp32", "fp16", "bf16")
+                for width in WIDTHS for whole in (False, True)}
+    assert expected <= full, sorted(expected - full)[:10]
+    expected_three = {key for key in expected if key[3] == 1152}
+    assert expected_three <= three, sorted(expected_three - three)[:10]
 
 
 def test_subset_covers_every_kernel_mode_dtype_width_and_arch(report):
