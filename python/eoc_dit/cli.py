@@ -26,7 +26,9 @@ from .errors import InputError, InputValueError
 from .fitting import DEFAULT_GAINS, DEFAULT_TERMS
 from .sweep import METHOD_HELP
 
-SCHEDULE_HELP = "'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps)"
+SCHEDULE_HELP = ("'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps), "
+                 "'taylorseer:N' or 'taylorseer:N:W' (TaylorSeer's schedule: W full warm-up steps, default 2, "
+                 "then one every N)")
 
 
 _RANGE = re.compile(r"^(-?\d+)-(-?\d+)$")
@@ -145,18 +147,18 @@ def _make_sampler(args):
 
 
 def _parse_schedule(text: str):
-    from .schedules import FORASchedule
+    from .schedules import FORASchedule, TaylorSeerSchedule
 
     if text == "none":
         return FORASchedule(1)
     parts = text.split(":")
-    if parts[0] != "fora" or len(parts) not in (2, 3):
+    if parts[0] not in ("fora", "taylorseer") or len(parts) not in (2, 3):
         raise InputValueError(f"--schedule must be {SCHEDULE_HELP}; got {text!r}")
     try:
         numbers = [int(v) for v in parts[1:]]
     except ValueError:
         raise InputValueError(f"--schedule must be {SCHEDULE_HELP}; got {text!r}") from None
-    return FORASchedule(*numbers)
+    return (FORASchedule if parts[0] == "fora" else TaylorSeerSchedule)(*numbers)
 
 
 def _check_writable(path: str) -> None:

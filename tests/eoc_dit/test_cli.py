@@ -659,3 +659,15 @@ def test_a_bad_eoc_backend_is_an_input_error(capsys, monkeypatch, tmp_path):
     _fails(capsys, ["sample", *MODEL, *RUN, "--schedule", "fora:2", "--mode", "extrapolate",
                     "--out", str(tmp_path / "s.npy")], match="unknown backend 'bogus'")
     assert not (tmp_path / "s.npy").exists()
+
+
+def test_schedule_specs_include_taylorseers_own():
+    from eoc_dit.cli import _parse_schedule
+    from eoc_dit.schedules import FORASchedule, TaylorSeerSchedule
+
+    schedule = _parse_schedule("taylorseer:4")
+    assert isinstance(schedule, TaylorSeerSchedule) and schedule.interval == 4 and schedule.warmup_steps == 2
+    assert torch.equal(schedule.mask(12, 2), FORASchedule(4, warmup=1).mask(12, 2))  # full steps 0, 1, 5, 9
+    assert _parse_schedule("taylorseer:3:3").warmup_steps == 3
+    with pytest.raises(ValueError, match="--schedule must be"):
+        _parse_schedule("taylor:4")
