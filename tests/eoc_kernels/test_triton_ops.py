@@ -387,7 +387,8 @@ def test_custom_op_refuses_devices_it_cannot_run_on(monkeypatch):
     monkeypatch.setattr(triton_backend._common, "INTERPRETED", False)
     x = torch.randn(1, 2, 3)
     with pytest.raises(RuntimeError, match="eoc::cached_branch runs a Triton kernel"):
-        torch.ops.eoc.cached_branch(x, x[:, 0], x, None, None, None, [0.0] * 3, None, 0.0, None, "triton")
+        torch.ops.eoc.cached_branch(x, x[:, 0], x, None, None, None, None, None, [0.0] * 5, None, 0.0, None,
+                                    "triton")
 
 
 def test_segment_kernel_never_reads_past_the_generations():
