@@ -217,13 +217,16 @@ def cmd_calibrate(args) -> None:
 def cmd_fit(args) -> None:
     from .fitting import TERMS, fit_coefficients
     from .prior import Prior
+    from .sweep import parse_method
 
     _check_writable(args.out)
     unknown = [t for t in args.terms if t not in TERMS]
     if unknown:
         raise InputValueError(f"--terms must be among {', '.join(TERMS)}, got {unknown}")
-    if any(g <= 0 for g in args.gains):
-        raise InputValueError(f"--gains must be > 0, got {args.gains}")
+    if any(g < 0 for g in args.gains):
+        raise InputValueError(f"--gains must be >= 0, got {args.gains}")
+    anchors = None if args.anchors is None else tuple(parse_method(text).config for text in args.anchors)
+    refine = None if args.refine == "none" else args.refine
     schedules = [_parse_schedule(text) for text in args.schedules]
     labels, seeds = _int_list(args.labels, "--labels"), _seed_list(args.seeds, "--seeds")
     tune_seeds = _seed_list(args.tune_seeds, "--tune-seeds") if args.tune_seeds else None
@@ -236,10 +239,13 @@ def cmd_fit(args) -> None:
     for schedule in schedules:
         fit = fit_coefficients(model, sampler, schedule, prior, labels, seeds, terms=tuple(args.terms),
                                ridge=args.ridge, gains=args.gains, tune_seeds=tune_seeds,
-                               tune_clamp=tuple(args.tune_clamp) if args.tune_clamp else None, progress=True)
+                               tune_clamp=tuple(args.tune_clamp) if args.tune_clamp else None, progress=True,
+                               anchors=anchors, max_order=args.max_order, refine=refine)
         prior.add_fit(fit)
-        print(f"fitted {schedule} ({', '.join(args.terms)}, gain {fit.info['gain']}): {fit.info['corrected_entries']} "
-              f"of {fit.info['reuse_entries']} reuse entries corrected")
+        info = fit.info
+        print(f"fitted {schedule} ({', '.join(args.terms)}, anchor {info['anchor']}, refine {args.refine}, "
+              f"gain {info['gain']:.3g}): {info['corrected_entries']} of {info['reuse_entries']} reuse entries "
+              f"corrected, models {info['models']}, {info['wall_time_s']:.0f} s")
     if _is_main():
         prior.save(args.out, storage=prior.storage)  # kept in the storage it was loaded in
     print(f"{prior} with {len(prior.fits)} fits written to {args.out}")
@@ -528,26 +534,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("fit", help="fit the calibrated mode's coefficients for schedules, into a prior file",
-                       description="Closed-loop fit of (alpha, beta, gamma) per reuse entry for each schedule, on "
-                                   "(label, seed) pairs sampled as one batch, then the global gain whose samples "
-                                   "(--tune-seeds) are closest to the uncached ones; use seeds disjoint from the ones "
-                                   "the prior's mean was computed on (the delta term overfits them) and from "
-                                   "evaluation.")
+                       description="Fit the coefficients (alpha, beta1..beta3, gamma) of every reuse entry for each "
+                                   "schedule: the best fixed preset on the tune pairs as anchor, per-entry models "
+                                   "(order 0-3, prior terms) chosen in closed loop on held-out pairs of (label, seed) "
+                                   "sampled as one batch, then a trajectory refinement from the anchor on the tune "
+                                   "pairs (--tune-seeds); use seeds disjoint from the ones the prior's mean was "
+                                   "computed on (the delta term overfits them) and from evaluation.")
     _add_model_args(p)
     _add_sampler_args(p)
     p.add_argument("--prior", required=True, help="prior file from 'eoc calibrate'")
     p.add_argument("--schedules", nargs="+", required=True, metavar="SCHEDULE", help="e.g. fora:2 fora:3")
     p.add_argument("--terms", nargs="+", default=list(DEFAULT_TERMS),
                    help=f"candidate terms among delta extrapolate trend (default: {' '.join(DEFAULT_TERMS)})")
-    p.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the least-squares fit (default 1e-3)")
+    p.add_argument("--max-order", type=int, default=3, help="highest order of the history terms (0-3, default 3)")
+    p.add_argument("--anchors", nargs="+", default=None, metavar="PRESET",
+                   help="presets the anchor is chosen among, as eoc evaluate names them (plain, extrapolate:1.2, "
+                        "taylorseer:2, hicache:2, trend, delta; default: plain, extrapolate 0.8/1/1.2, TaylorSeer "
+                        "and HiCache 1-3, and trend / delta when --terms has them)")
+    p.add_argument("--refine", choices=("gauss-newton", "blend", "none"), default="gauss-newton",
+                   help="trajectory refinement from the anchor on the tune pairs: gauss-newton (default), blend "
+                        "(anchor + g * (fit - anchor), g among --gains) or none (the fit as it is)")
+    p.add_argument("--ridge", type=float, default=1e-3,
+                   help="relative ridge of the least-squares fit toward the anchor (default 1e-3)")
     p.add_argument("--gains", type=float, nargs="+", default=list(DEFAULT_GAINS),
-                   help=f"candidate global gains of the fitted coefficients "
-                        f"(default: {' '.join(map(str, DEFAULT_GAINS))}; "
-                        "one value = no tuning)")
+                   help=f"--refine blend: candidate blends g, 0 = the anchor "
+                        f"(default: {' '.join(map(str, DEFAULT_GAINS))}; one value = that blend)")
     p.add_argument("--tune-seeds", nargs="+", default=None,
-                   help="seeds of the pairs the gain is chosen on (default: --seeds)")
+                   help="seeds of the pairs the anchor and the refinement are chosen on (default: --seeds)")
     p.add_argument("--tune-clamp", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="judge the gain's samples clipped to [LOW, HIGH], e.g. -1 1 for a pixel-space model "
+                   help="judge the tune samples clipped to [LOW, HIGH], e.g. -1 1 for a pixel-space model "
                         "(default: no clipping)")
     p.add_argument("--out", required=True, help="output prior file (may be the input)")
     p.set_defaults(func=cmd_fit)

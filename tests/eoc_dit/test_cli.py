@@ -421,20 +421,23 @@ def test_fit_adds_fits_to_a_prior(capsys, tmp_path, checkpoint_path, prior_path)
                     "--terms", "momentum", "--out", str(out)], match="--terms")
     _fails(capsys, ["fit", *model_args, "--steps", "4", "--labels", "0", "--prior", str(prior_path),
                     "--schedules", "fora:2", "--out", str(out)], match="num_steps mismatch")
-    _fails(capsys, ["fit", *model_args, *RUN, "--prior", str(prior_path), "--schedules", "fora:2", "--gains", "1", "0",
-                    "--out", str(out)], match="--gains must be > 0")
+    _fails(capsys, ["fit", *model_args, *RUN, "--prior", str(prior_path), "--schedules", "fora:2", "--gains", "1", "-1",
+                    "--out", str(out)], match="--gains must be >= 0")
+    _fails(capsys, ["fit", *model_args, *RUN, "--prior", str(prior_path), "--schedules", "fora:2", "--anchors",
+                    "taylorseer:x", "--out", str(out)], match="taylorseer:x")
 
 
 def test_fit_tunes_the_gain_on_tune_seeds(capsys, tmp_path, checkpoint_path, prior_path):
     out = tmp_path / "fitted.safetensors"
     printed, _ = _ok(capsys, ["fit", "--checkpoint", str(checkpoint_path), *RUN, "--cfg-scale", "2", "--prior",
-                              str(prior_path), "--schedules", "fora:3", "--gains", "0.5", "1", "--tune-seeds", "7",
-                              "--tune-clamp", "-1", "1", "--out", str(out)])
+                              str(prior_path), "--schedules", "fora:3", "--refine", "blend", "--gains", "0.5", "1",
+                              "--anchors", "plain", "extrapolate", "--tune-seeds", "7", "--tune-clamp", "-1", "1",
+                              "--out", str(out)])
     info = Prior.load(out).fits[0].info
-    assert info["tune_clamp"] == [-1.0, 1.0]
-    assert set(info["tune_score_db"]) == {"0.5", "1.0"} and info["tune_samples"] == 2  # labels 0-1 x seed 7
-    assert info["gain"] == max((float(g) for g in info["tune_score_db"]), key=lambda g: info["tune_score_db"][str(g)])
-    assert f"gain {info['gain']}" in printed
+    assert info["tune_clamp"] == [-1.0, 1.0] and info["anchor"] in ("plain", "extrapolate")
+    assert {"0", "1"} <= set(info["tune_score_db"]) <= {"0", "0.5", "1"} and info["tune_samples"] == 2  # labels 0-1 x 7
+    assert info["gain"] == max((float(g) for g in info["tune_score_db"]), key=lambda g: info["tune_score_db"][f"{g:g}"])
+    assert f"anchor {info['anchor']}, refine blend, gain {info['gain']:.3g}" in printed
 
 
 def test_sample_with_a_prior_defaults_to_calibrated(capsys, tmp_path, prior_path):
