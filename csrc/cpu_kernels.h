@@ -8,10 +8,11 @@
 //
 // Semantics: eoc_kernels/reference.py (the ground truth), per reused entry (a branch of a block):
 //
-//     corr = α·D + β·(Cc − Cp) + γ·(Cc ⊙ E)      (a term only when its tensor is given and its
-//                                                  coefficient is nonzero: its tensor is never read)
-//     keep = ||corr|| / (||Cc|| + 1e-6) > threshold, or threshold <= 0   (per token, NaN -> false)
-//     F̂ = Cc + (keep ? corr : 0)
+//     corr = α·D + β₁·(C₀ − C₁) + γ·(C₀ ⊙ E) + β₂·(C₁ − C₂) + β₃·(C₂ − C₃)
+//                          (accumulated in that order; a term only when its tensors are given and its
+//                           coefficient is nonzero: otherwise its tensors are never read)
+//     keep = ||corr|| / (||C₀|| + 1e-6) > threshold, or threshold <= 0   (per token, NaN -> false)
+//     F̂ = C₀ + (keep ? corr : 0)
 //     out = x + Σ_entries gate ⊙ F̂               (in the entries' order, fp32, one rounding at the end)
 //
 // Blocking: a thread owns a run of token rows (b, n) and walks it in tiles of at most TILE rows of one
@@ -21,8 +22,8 @@
 // consecutive plain-reuse entries in one pass over each row (add_plain_group: the running sum stays in
 // a register instead of going to the L2-resident tile and back per entry);
 // finally it rounds and writes the output once. The gate rows of b are converted to fp32 once per thread and b. The per-token
-// norms need the whole row before the judgment: with threshold > 0 the first pass over a row keeps Cc
-// and F̂ in two per-thread fp32 row buffers and the second adds gate ⊙ (Cc or F̂) from them; with
+// norms need the whole row before the judgment: with threshold > 0 the first pass over a row keeps C₀
+// and F̂ in two per-thread fp32 row buffers and the second adds gate ⊙ (C₀ or F̂) from them; with
 // threshold <= 0 every token keeps its correction and one pass suffices.
 //
 // Measured on the project's CPU (AMD EPYC, AVX-512): this entry-by-entry order with plain loops beat
@@ -43,32 +44,41 @@ inline float to_float(float value) { return value; }
 inline float to_float(c10::Half value) { return static_cast<float>(value); }
 inline float to_float(c10::BFloat16 value) { return static_cast<float>(value); }
 
-// The correction of one element, in the reference's order ((0 + α·D) + β·(Cc − Cp)) + γ·(Cc·E).
+// The terms' coefficients in the order they are accumulated (Entry::coef's slots).
+struct TermCoefs {
+  float alpha, beta1, gamma, beta2, beta3;
+};
+
+// The correction of one element, in the reference's order
+// ((((0 + α·D) + β₁·(C₀ − C₁)) + γ·(C₀·E)) + β₂·(C₁ − C₂)) + β₃·(C₂ − C₃), each term only where FLAGS has it.
 template <int FLAGS, typename S>
-inline float correction(float cached, const S* __restrict prev, const S* __restrict delta,
-                        const S* __restrict trend, int64_t c, float alpha, float beta, float gamma) {
+inline float correction(float cached, const S* __restrict h1, const S* __restrict h2, const S* __restrict h3,
+                        const S* __restrict delta, const S* __restrict trend, int64_t c, const TermCoefs& k) {
   float corr = 0.0f;
-  if constexpr ((FLAGS & kHasDelta) != 0) corr += alpha * to_float(delta[c]);
-  if constexpr ((FLAGS & kHasPrev) != 0) corr += beta * (cached - to_float(prev[c]));
-  if constexpr ((FLAGS & kHasTrend) != 0) corr += gamma * (cached * to_float(trend[c]));
+  if constexpr ((FLAGS & kHasDelta) != 0) corr += k.alpha * to_float(delta[c]);
+  if constexpr ((FLAGS & kHasBeta1) != 0) corr += k.beta1 * (cached - to_float(h1[c]));
+  if constexpr ((FLAGS & kHasTrend) != 0) corr += k.gamma * (cached * to_float(trend[c]));
+  if constexpr ((FLAGS & kHasBeta2) != 0) corr += k.beta2 * (to_float(h1[c]) - to_float(h2[c]));
+  if constexpr ((FLAGS & kHasBeta3) != 0) corr += k.beta3 * (to_float(h2[c]) - to_float(h3[c]));
   return corr;
 }
 
 // acc[0:C] += gate ⊙ F̂ for one token row of one entry. The gate row is fp32; every other operand row
-// is contiguous (stride 1 over C) and of type S: the input dtype, or float for rows gathered from
-// strided operands. Rows of unused operands are never touched (their pointers may be null).
-// JUDGE: threshold > 0.
+// (cache = C₀, h1..h3 = C₁..C₃, delta, trend) is contiguous (stride 1 over C) and of type S: the input
+// dtype, or float for rows gathered from strided operands. Rows of unused operands are never touched
+// (their pointers may be null). coef: α, β₁, γ, β₂, β₃. JUDGE: threshold > 0.
 template <int FLAGS, bool JUDGE, typename S>
 void add_entry_row(float* __restrict acc, const float* __restrict gate, const S* __restrict cache,
-                   const S* __restrict prev, const S* __restrict delta, const S* __restrict trend, float alpha,
-                   float beta, float gamma, float threshold, int64_t channels, float* __restrict cached_row,
-                   float* __restrict fhat_row) {
-  if constexpr (FLAGS == 0) {  // plain reuse: F̂ = Cc
+                   const S* __restrict h1, const S* __restrict h2, const S* __restrict h3, const S* __restrict delta,
+                   const S* __restrict trend, const float* coef, float threshold, int64_t channels,
+                   float* __restrict cached_row, float* __restrict fhat_row) {
+  const TermCoefs k{coef[0], coef[1], coef[2], coef[3], coef[4]};  // locals: no aliasing with acc
+  if constexpr (FLAGS == 0) {  // plain reuse: F̂ = C₀
     for (int64_t c = 0; c < channels; ++c) acc[c] += gate[c] * to_float(cache[c]);
   } else if constexpr (!JUDGE) {  // threshold <= 0: every token keeps its correction
     for (int64_t c = 0; c < channels; ++c) {
       const float cached = to_float(cache[c]);
-      const float corr = correction<FLAGS>(cached, prev, delta, trend, c, alpha, beta, gamma);
+      const float corr = correction<FLAGS>(cached, h1, h2, h3, delta, trend, c, k);
       acc[c] += gate[c] * (cached + corr);
     }
   } else {
@@ -78,7 +88,7 @@ void add_entry_row(float* __restrict acc, const float* __restrict gate, const S*
     for (; c + kNormLanes <= channels; c += kNormLanes) {
       for (int64_t lane = 0; lane < kNormLanes; ++lane) {
         const float cached = to_float(cache[c + lane]);
-        const float corr = correction<FLAGS>(cached, prev, delta, trend, c + lane, alpha, beta, gamma);
+        const float corr = correction<FLAGS>(cached, h1, h2, h3, delta, trend, c + lane, k);
         corr_sq[lane] += corr * corr;
         cached_sq[lane] += cached * cached;
         cached_row[c + lane] = cached;
@@ -87,7 +97,7 @@ void add_entry_row(float* __restrict acc, const float* __restrict gate, const S*
     }
     for (; c < channels; ++c) {
       const float cached = to_float(cache[c]);
-      const float corr = correction<FLAGS>(cached, prev, delta, trend, c, alpha, beta, gamma);
+      const float corr = correction<FLAGS>(cached, h1, h2, h3, delta, trend, c, k);
       corr_sq[0] += corr * corr;
       cached_sq[0] += cached * cached;
       cached_row[c] = cached;
@@ -135,15 +145,15 @@ void add_plain_group(float* __restrict acc, const float* const* gates, const S* 
 }
 
 template <typename S>
-using RowFn = void (*)(float*, const float*, const S*, const S*, const S*, const S*, float, float, float, float,
-                       int64_t, float*, float*);
+using RowFn = void (*)(float*, const float*, const S*, const S*, const S*, const S*, const S*, const S*, const float*,
+                       float, int64_t, float*, float*);
 
 template <typename S, bool JUDGE, int... FLAGS>
 constexpr std::array<RowFn<S>, sizeof...(FLAGS)> row_fns(std::integer_sequence<int, FLAGS...>) {
   return {&add_entry_row<FLAGS, JUDGE, S>...};
 }
 
-// The row function of an entry with these flags (kHasDelta | kHasPrev | kHasTrend).
+// The row function of an entry with these flags (kHasDelta | kHasBeta1 | kHasTrend | kHasBeta2 | kHasBeta3).
 template <typename S>
 RowFn<S> pick_row_fn(int flags, bool judge) {
   static constexpr auto judged = row_fns<S, true>(std::make_integer_sequence<int, kFlagCombinations>{});
@@ -171,9 +181,9 @@ void run_entries(const Rows<T>& x, const OutRows<T>& out, const std::vector<Entr
   const int64_t tile = std::max<int64_t>(1, kTileFloats / channels);
   const bool judge = threshold > 0.0f;
   at::parallel_for(0, rows, tile, [&](int64_t begin, int64_t end) {
-    // Per thread: the tile's accumulators, the fp32 gate rows of the current b, Cc and F̂ of the
-    // current row, and four gathered rows (cache, prev, delta, trend of a strided entry).
-    std::vector<float> scratch(static_cast<size_t>((tile + num_entries + 6) * channels));
+    // Per thread: the tile's accumulators, the fp32 gate rows of the current b, C₀ and F̂ of the
+    // current row, and six gathered rows (C₀..C₃, delta, trend of a strided entry).
+    std::vector<float> scratch(static_cast<size_t>((tile + num_entries + 8) * channels));
     float* acc = scratch.data();
     float* gates = acc + tile * channels;
     float* cached_row = gates + num_entries * channels;
@@ -194,8 +204,9 @@ void run_entries(const Rows<T>& x, const OutRows<T>& out, const std::vector<Entr
         const Entry<T>& e = entries[k];
         const float* gate = gates + k * channels;
         const bool has_delta = (e.flags & kHasDelta) != 0;
-        const bool has_prev = (e.flags & kHasPrev) != 0;
         const bool has_trend = (e.flags & kHasTrend) != 0;
+        const bool has_history[3] = {reads_history(e.flags, 1), reads_history(e.flags, 2),
+                                     reads_history(e.flags, 3)};
         // A run of contiguous plain-reuse entries: up to kEntryGroup per pass (add_plain_group).
         int64_t group = 0;
         while (group < kEntryGroup && k + group < num_entries && entries[k + group].flags == 0 &&
@@ -221,24 +232,29 @@ void run_entries(const Rows<T>& x, const OutRows<T>& out, const std::vector<Entr
           const RowFn<T> fn = pick_row_fn<T>(e.flags, judge);
           for (int64_t i = 0; i < count; ++i) {
             const int64_t n = n0 + i;
-            fn(acc + i * channels, gate, e.cache.row(b, n), has_prev ? e.prev.row(b, n) : nullptr,
-               has_delta ? e.delta.row(b, n) : nullptr, has_trend ? e.trend.row(b, n) : nullptr, e.alpha, e.beta,
-               e.gamma, threshold, channels, cached_row, fhat_row);
+            const T* h[3];
+            for (int j = 0; j < 3; ++j) h[j] = has_history[j] ? e.history[j].row(b, n) : nullptr;
+            fn(acc + i * channels, gate, e.cache.row(b, n), h[0], h[1], h[2], has_delta ? e.delta.row(b, n) : nullptr,
+               has_trend ? e.trend.row(b, n) : nullptr, e.coef, threshold, channels, cached_row, fhat_row);
           }
         } else {  // some operand is strided over C: gather the entry's rows into fp32 first
           const RowFn<float> fn = pick_row_fn<float>(e.flags, judge);
           float* c_row = gathered;
-          float* p_row = c_row + channels;
-          float* d_row = p_row + channels;
+          float* h_rows = c_row + channels;  // C₁, C₂, C₃
+          float* d_row = h_rows + 3 * channels;
           float* t_row = d_row + channels;
           for (int64_t i = 0; i < count; ++i) {
             const int64_t n = n0 + i;
             gather_row(e.cache.row(b, n), e.cache.stride_c, channels, c_row);
-            if (has_prev) gather_row(e.prev.row(b, n), e.prev.stride_c, channels, p_row);
+            for (int j = 0; j < 3; ++j) {
+              if (has_history[j]) {
+                gather_row(e.history[j].row(b, n), e.history[j].stride_c, channels, h_rows + j * channels);
+              }
+            }
             if (has_delta) gather_row(e.delta.row(b, n), e.delta.stride_c, channels, d_row);
             if (has_trend) gather_row(e.trend.row(b, n), e.trend.stride_c, channels, t_row);
-            fn(acc + i * channels, gate, c_row, p_row, d_row, t_row, e.alpha, e.beta, e.gamma, threshold, channels,
-               cached_row, fhat_row);
+            fn(acc + i * channels, gate, c_row, h_rows, h_rows + channels, h_rows + 2 * channels, d_row, t_row, e.coef,
+               threshold, channels, cached_row, fhat_row);
           }
         }
       }

@@ -11,11 +11,12 @@
 //   poison it, and registers the result as the "cpp" kernel of eoc::cached_* on CPU tensors);
 //   plus eoc::cpu_isa() / cpu_supported_isas() / cpu_set_isa(name) (which vectorised variant runs).
 //
-// Argument conventions are the eoc:: schema's (eoc_kernels/_library.py): a coefficient triple is a float
-// list or a float32 [3] tensor (used instead when given), the threshold a float or a one-element float32
-// tensor. Tensor values live on the CPU, so reading them here costs no device sync. The public ops
-// validate everything first (eoc_kernels/_validation.py); the checks here only keep a direct call of
-// torch.ops.eoc.*_out from reading outside its tensors.
+// Argument conventions are the eoc:: schema's (eoc_kernels/_library.py): a branch's coefficients
+// (alpha, beta_1, gamma, beta_2, beta_3) are 5 floats of coef_values (zero-padded) or a float32 [P] tensor,
+// P in {3, 4, 5} (used instead when given), the threshold a float or a one-element float32 tensor. Tensor
+// values live on the CPU, so reading them here costs no device sync. The public ops validate everything
+// first (eoc_kernels/_validation.py); the checks here only keep a direct call of torch.ops.eoc.*_out from
+// reading outside its tensors.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -40,11 +41,27 @@
 
 namespace eoc_cpu {
 
-// Operand flags of an entry: which correction terms are read.
+// Operand flags of an entry: which correction terms are applied (their tensors given, their coefficient
+// nonzero), in the order they are accumulated: alpha·D, beta_1·(C_0 − C_1), gamma·(C_0 ⊙ E),
+// beta_2·(C_1 − C_2), beta_3·(C_2 − C_3).
 constexpr int kHasDelta = 1;
-constexpr int kHasPrev = 2;
+constexpr int kHasBeta1 = 2;
 constexpr int kHasTrend = 4;
-constexpr int kFlagCombinations = 8;
+constexpr int kHasBeta2 = 8;
+constexpr int kHasBeta3 = 16;
+constexpr int kFlagCombinations = 32;
+// Coefficient slots of an entry (the schema's order): alpha, beta_1, gamma, beta_2, beta_3.
+constexpr int kCoefs = 5;
+constexpr int kAlpha = 0, kGamma = 2;
+constexpr int kBetaSlot[3] = {1, 3, 4};  // beta_i's slot, i = 1..3
+constexpr int kBetaFlag[3] = {kHasBeta1, kHasBeta2, kHasBeta3};
+
+// Whether terms `flags` read the history row C_j (j = 1..3): beta_i reads C_{i-1} and C_i.
+constexpr bool reads_history(int flags, int j) {
+  return j == 1   ? (flags & (kHasBeta1 | kHasBeta2)) != 0
+         : j == 2 ? (flags & (kHasBeta2 | kHasBeta3)) != 0
+                  : (flags & kHasBeta3) != 0;
+}
 
 // A [B or H, N, C] operand read one token row (b, n) at a time; row b reads entry b / rows_per_head.
 template <typename T>
@@ -62,12 +79,14 @@ struct OutRows {
   T* row(int64_t b, int64_t n) const { return data + b * stride_b + n * stride_n; }
 };
 
-// One reused entry (a branch of a block): what it reads and its coefficients. flags: the terms read
-// (kHasDelta | kHasPrev | kHasTrend), i.e. given and with a nonzero coefficient.
+// One reused entry (a branch of a block): what it reads and its coefficients. cache is C_0, history[j - 1]
+// is C_j (j = 1..3, read only where reads_history(flags, j)); flags: the terms applied (kHas*), i.e. their
+// tensors given and their coefficient nonzero.
 template <typename T>
 struct Entry {
-  Rows<T> gate, cache, prev, delta, trend;
-  float alpha = 0.0f, beta = 0.0f, gamma = 0.0f;
+  Rows<T> gate, cache, delta, trend;
+  Rows<T> history[3];
+  float coef[kCoefs] = {};  // alpha, beta_1, gamma, beta_2, beta_3
   int flags = 0;
   bool contiguous = true;  // every operand read but the gate has stride 1 over C
 };
@@ -201,28 +220,29 @@ float threshold_of(const char* op, double value, const OptTensor& tensor) {
   return *float_values(op, "threshold_tensor", *tensor, 1);
 }
 
+// A branch's coefficients (alpha, beta_1, gamma, beta_2, beta_3); slots past a tensor's length P are 0.
 struct Coef {
-  float values[3];
-  bool nonzero[3];
+  float values[kCoefs] = {};
+  bool nonzero[kCoefs] = {};
 };
 
-// (alpha, beta, gamma) from the float list at `offset`, or from a float32 [3] tensor when given.
-Coef coef_of(const char* op, const char* name, c10::ArrayRef<double> values, size_t offset, const OptTensor& tensor) {
-  Coef coef{};
+// The coefficients of branch `branch` from coef_values (kCoefs floats per branch, already size-checked), or
+// from a float32 [P] tensor (P in 3..5) when given.
+Coef coef_of(const char* op, const char* name, c10::ArrayRef<double> values, size_t branch, const OptTensor& tensor) {
+  Coef coef;
   if (tensor.has_value()) {
-    TORCH_CHECK(tensor->dim() == 1, op, ": ", name, " must have shape [3], got ", sizes_of(*tensor));
-    const float* data = float_values(op, name, *tensor, 3);
-    for (int j = 0; j < 3; ++j) {
+    const int64_t length = eoc_checks::coef_length(op, name, *tensor);
+    const float* data = float_values(op, name, *tensor, length);
+    for (int64_t j = 0; j < length; ++j) {
       coef.values[j] = data[j * tensor->stride(0)];
       coef.nonzero[j] = coef.values[j] != 0.0f;
     }
     return coef;
   }
-  TORCH_CHECK(values.size() >= offset + 3, op, ": coef_values must hold ", offset + 3, " numbers, got ",
-              values.size());
-  for (int j = 0; j < 3; ++j) {
-    coef.values[j] = static_cast<float>(values[offset + j]);
-    coef.nonzero[j] = values[offset + j] != 0.0;  // as the reference's `c != 0` on the Python number
+  for (int j = 0; j < kCoefs; ++j) {
+    const double value = values[branch * kCoefs + j];
+    coef.values[j] = static_cast<float>(value);
+    coef.nonzero[j] = value != 0.0;  // as the reference's `c != 0` on the Python number
   }
   return coef;
 }
@@ -248,32 +268,34 @@ Rows<T> rows_of(const Tensor& t, int64_t offset, int64_t batch) {
 
 template <typename T>
 void finish_entry(Entry<T>& e) {
-  e.contiguous = e.cache.stride_c == 1 && ((e.flags & kHasPrev) == 0 || e.prev.stride_c == 1) &&
-                 ((e.flags & kHasDelta) == 0 || e.delta.stride_c == 1) &&
-                 ((e.flags & kHasTrend) == 0 || e.trend.stride_c == 1);
+  bool contiguous = e.cache.stride_c == 1 && ((e.flags & kHasDelta) == 0 || e.delta.stride_c == 1) &&
+                    ((e.flags & kHasTrend) == 0 || e.trend.stride_c == 1);
+  for (int j = 1; j <= 3; ++j) {
+    contiguous = contiguous && (!reads_history(e.flags, j) || e.history[j - 1].stride_c == 1);
+  }
+  e.contiguous = contiguous;
 }
 
-// A reused branch of cached_branch / cached_block: gate [B, C], cache / prev [B, N, C], delta / trend [H, N, C].
+// A reused branch of cached_branch / cached_block: gate [B, C], cache (C_0) and history (prev, prev2, prev3:
+// C_1, C_2, C_3) [B, N, C], delta / trend [H, N, C]. beta_i applies when C_{i-1} and C_i are given (C_0 always
+// is) and its coefficient is nonzero; a history tensor no applied term needs is not read.
 template <typename T>
-Entry<T> branch_entry(const Tensor& gate, const Tensor& cache, const OptTensor& prev, const OptTensor& delta,
-                      const OptTensor& trend, const Coef& coef, int64_t batch) {
+Entry<T> branch_entry(const eoc_checks::BranchTensors& t, const Coef& coef, int64_t batch) {
   Entry<T> e;
-  e.gate = rows_of<T>(gate.data_ptr<T>(), gate.stride(0), 0, gate.stride(1), batch, batch);
-  e.cache = rows_of<T>(cache, 0, batch);
-  e.alpha = coef.values[0];
-  e.beta = coef.values[1];
-  e.gamma = coef.values[2];
-  if (delta.has_value() && coef.nonzero[0]) {
-    e.delta = rows_of<T>(*delta, 0, batch);
-    e.flags |= kHasDelta;
+  e.gate = rows_of<T>(t.gate.data_ptr<T>(), t.gate.stride(0), 0, t.gate.stride(1), batch, batch);
+  e.cache = rows_of<T>(t.cache, 0, batch);
+  std::copy(coef.values, coef.values + kCoefs, e.coef);
+  if (t.delta.has_value() && coef.nonzero[kAlpha]) e.flags |= kHasDelta;
+  if (t.trend.has_value() && coef.nonzero[kGamma]) e.flags |= kHasTrend;
+  const OptTensor* history[3] = {&t.prev, &t.prev2, &t.prev3};
+  for (int i = 1; i <= 3; ++i) {
+    const bool given = history[i - 1]->has_value() && (i == 1 || history[i - 2]->has_value());
+    if (given && coef.nonzero[kBetaSlot[i - 1]]) e.flags |= kBetaFlag[i - 1];
   }
-  if (prev.has_value() && coef.nonzero[1]) {
-    e.prev = rows_of<T>(*prev, 0, batch);
-    e.flags |= kHasPrev;
-  }
-  if (trend.has_value() && coef.nonzero[2]) {
-    e.trend = rows_of<T>(*trend, 0, batch);
-    e.flags |= kHasTrend;
+  if ((e.flags & kHasDelta) != 0) e.delta = rows_of<T>(*t.delta, 0, batch);
+  if ((e.flags & kHasTrend) != 0) e.trend = rows_of<T>(*t.trend, 0, batch);
+  for (int j = 1; j <= 3; ++j) {
+    if (reads_history(e.flags, j)) e.history[j - 1] = rows_of<T>(**history[j - 1], 0, batch);
   }
   finish_entry(e);
   return e;
@@ -310,44 +332,47 @@ bool empty(const Tensor& x) { return x.numel() == 0; }
 // --- ops ----------------------------------------------------------------------------------------
 
 void cached_branch_out(const Tensor& x, const Tensor& gate, const Tensor& cache, const OptTensor& prev,
-                       const OptTensor& delta, const OptTensor& trend, c10::ArrayRef<double> coef_values,
-                       const OptTensor& coef_tensor, double threshold_value, const OptTensor& threshold_tensor,
-                       Tensor& out) {
+                       const OptTensor& prev2, const OptTensor& prev3, const OptTensor& delta,
+                       const OptTensor& trend, c10::ArrayRef<double> coef_values, const OptTensor& coef_tensor,
+                       double threshold_value, const OptTensor& threshold_tensor, Tensor& out) {
   constexpr const char* op = "eoc::cached_branch_out";
   check_x_out(op, x, out);
-  check_branch(op, x, "gate", gate, "cache", cache, "prev", prev, "delta", delta, "trend", trend);
+  const eoc_checks::BranchTensors branch{gate, cache, prev, prev2, prev3, delta, trend};
+  check_branch(op, x, "", branch);
+  eoc_checks::check_coef_values(op, coef_values, 1);
   const Coef coef = coef_of(op, "coef_tensor", coef_values, 0, coef_tensor);
   const float threshold = threshold_of(op, threshold_value, threshold_tensor);
   if (empty(x)) return;
   dispatch_dtype(x, [&]<typename T>() {
-    std::vector<Entry<T>> entries{branch_entry<T>(gate, cache, prev, delta, trend, coef, x.size(0))};
+    std::vector<Entry<T>> entries{branch_entry<T>(branch, coef, x.size(0))};
     run_op<T>(x, out, entries, threshold);
   });
 }
 
 void cached_block_out(const Tensor& x, const Tensor& gate_attn, const Tensor& gate_mlp, const Tensor& cache_attn,
                       const Tensor& cache_mlp, const OptTensor& prev_attn, const OptTensor& prev_mlp,
-                      const OptTensor& delta_attn, const OptTensor& delta_mlp, const OptTensor& trend_attn,
-                      const OptTensor& trend_mlp, c10::ArrayRef<double> coef_values,
+                      const OptTensor& prev2_attn, const OptTensor& prev2_mlp, const OptTensor& prev3_attn,
+                      const OptTensor& prev3_mlp, const OptTensor& delta_attn, const OptTensor& delta_mlp,
+                      const OptTensor& trend_attn, const OptTensor& trend_mlp, c10::ArrayRef<double> coef_values,
                       const OptTensor& coef_tensor_attn, const OptTensor& coef_tensor_mlp, double threshold_value,
                       const OptTensor& threshold_tensor, Tensor& out) {
   constexpr const char* op = "eoc::cached_block_out";
   check_x_out(op, x, out);
-  check_branch(op, x, "gate_attn", gate_attn, "cache_attn", cache_attn, "prev_attn", prev_attn, "delta_attn",
-               delta_attn, "trend_attn", trend_attn);
-  check_branch(op, x, "gate_mlp", gate_mlp, "cache_mlp", cache_mlp, "prev_mlp", prev_mlp, "delta_mlp", delta_mlp,
-               "trend_mlp", trend_mlp);
-  TORCH_CHECK(coef_values.size() == 6, op, ": coef_values must hold 6 numbers (attention, then MLP), got ",
-              coef_values.size());
+  const eoc_checks::BranchTensors attn_branch{gate_attn, cache_attn, prev_attn, prev2_attn,
+                                              prev3_attn, delta_attn, trend_attn};
+  const eoc_checks::BranchTensors mlp_branch{gate_mlp,  cache_mlp, prev_mlp, prev2_mlp,
+                                             prev3_mlp, delta_mlp, trend_mlp};
+  check_branch(op, x, "_attn", attn_branch);
+  check_branch(op, x, "_mlp", mlp_branch);
+  eoc_checks::check_coef_values(op, coef_values, 2);
   const Coef attn = coef_of(op, "coef_tensor_attn", coef_values, 0, coef_tensor_attn);
-  const Coef mlp = coef_of(op, "coef_tensor_mlp", coef_values, 3, coef_tensor_mlp);
+  const Coef mlp = coef_of(op, "coef_tensor_mlp", coef_values, 1, coef_tensor_mlp);
   const float threshold = threshold_of(op, threshold_value, threshold_tensor);
   if (empty(x)) return;
   dispatch_dtype(x, [&]<typename T>() {
     const int64_t batch = x.size(0);
-    std::vector<Entry<T>> entries{
-        branch_entry<T>(gate_attn, cache_attn, prev_attn, delta_attn, trend_attn, attn, batch),
-        branch_entry<T>(gate_mlp, cache_mlp, prev_mlp, delta_mlp, trend_mlp, mlp, batch)};
+    std::vector<Entry<T>> entries{branch_entry<T>(attn_branch, attn, batch),
+                                  branch_entry<T>(mlp_branch, mlp, batch)};
     run_op<T>(x, out, entries, threshold);
   });
 }
@@ -361,13 +386,17 @@ void cached_segment_out(const Tensor& x, const Tensor& gates, const Tensor& cach
   const int64_t generations = cache.size(0), blocks = cache.size(1);
   const int64_t batch = x.size(0);
   const float* coef_data = nullptr;
+  const int64_t coef_length = coef.has_value() ? coef->size(2) : 0;  // P
   if (coef.has_value()) {
-    coef_data = float_values(op, "coef", *coef, blocks * 6);
+    coef_data = float_values(op, "coef", *coef, blocks * 2 * coef_length);
   }
+  // History terms beta_1 .. beta_K an entry may apply: the ring holds C_0 .. C_{G-1}, coef has P - 2 betas.
+  const int64_t history_terms = std::min(generations - 1, coef_length - 2);
   const float threshold = threshold_of(op, threshold_value, threshold_tensor);
   if (empty(x)) return;
 
-  // Generations and coefficients on the host (CPU memory: no device sync).
+  // Generations and coefficients on the host (CPU memory: no device sync). generation[s, k] holds C_0 of entry
+  // (s, k); its C_j is generation (generation[s, k] - j) mod G.
   std::vector<int64_t> current(static_cast<size_t>(blocks * 2), 0);
   for (int64_t s = 0; s < blocks; ++s) {
     for (int64_t k = 0; k < 2; ++k) {
@@ -393,20 +422,23 @@ void cached_segment_out(const Tensor& x, const Tensor& gates, const Tensor& cach
         e.cache = rows_of<T>(cache, entry + g * cache.stride(0), batch);
         if (coef_data != nullptr) {  // coef None: plain reuse, nothing else is read
           const float* c = coef_data + s * coef->stride(0) + k * coef->stride(1);
-          e.alpha = c[0];
-          e.beta = c[coef->stride(2)];
-          e.gamma = c[2 * coef->stride(2)];
-          if (delta.has_value() && e.alpha != 0.0f) {
+          for (int64_t j = 0; j < coef_length; ++j) e.coef[j] = c[j * coef->stride(2)];
+          if (delta.has_value() && e.coef[kAlpha] != 0.0f) {
             e.delta = rows_of<T>(*delta, s * delta->stride(0) + k * delta->stride(1), batch);
             e.flags |= kHasDelta;
           }
-          if (generations == 2 && e.beta != 0.0f) {  // Cp: the other generation
-            e.prev = rows_of<T>(cache, entry + (1 - g) * cache.stride(0), batch);
-            e.flags |= kHasPrev;
-          }
-          if (trend.has_value() && e.gamma != 0.0f) {
+          if (trend.has_value() && e.coef[kGamma] != 0.0f) {
             e.trend = rows_of<T>(*trend, s * trend->stride(0) + k * trend->stride(1), batch);
             e.flags |= kHasTrend;
+          }
+          for (int64_t i = 1; i <= history_terms; ++i) {
+            if (e.coef[kBetaSlot[i - 1]] != 0.0f) e.flags |= kBetaFlag[i - 1];
+          }
+          for (int64_t j = 1; j <= history_terms; ++j) {  // C_j: generation (g - j) mod G
+            if (reads_history(e.flags, static_cast<int>(j))) {
+              const int64_t generation_j = (g - j + generations) % generations;
+              e.history[j - 1] = rows_of<T>(cache, entry + generation_j * cache.stride(0), batch);
+            }
           }
         }
         finish_entry(e);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -60,30 +61,69 @@ inline void check_x_out(const char* op, const Tensor& x, const Tensor& out, c10:
   TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", sizes_of(x), ", got ", sizes_of(out));
 }
 
-// One reused branch: gate [B, C], cache and prev [B, N, C], delta and trend [H, N, C] with H dividing B.
-inline void check_branch(const char* op, const Tensor& x, const char* gate_name, const Tensor& gate,
-                         const char* cache_name, const Tensor& cache, const char* prev_name, const OptTensor& prev,
-                         const char* delta_name, const OptTensor& delta, const char* trend_name,
-                         const OptTensor& trend) {
-  check_feature(op, gate_name, gate, x);
-  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(2), op, ": ", gate_name,
-              " has shape ", sizes_of(gate), ", which does not fit x of shape ", sizes_of(x));
-  check_rows(op, cache_name, cache, x, {}, false);
-  if (prev.has_value()) check_rows(op, prev_name, *prev, x, {}, false);
-  if (delta.has_value()) check_rows(op, delta_name, *delta, x, {}, true);
-  if (trend.has_value()) check_rows(op, trend_name, *trend, x, {}, true);
+// The tensors of one reused branch; their schema names are the field names plus the op's suffix ("",
+// "_attn", "_mlp"): gate, cache, prev (C_1), prev2 (C_2), prev3 (C_3), delta, trend.
+struct BranchTensors {
+  const Tensor& gate;
+  const Tensor& cache;
+  const OptTensor& prev;
+  const OptTensor& prev2;
+  const OptTensor& prev3;
+  const OptTensor& delta;
+  const OptTensor& trend;
+};
+
+// One reused branch: gate [B, C], cache and the history prev / prev2 / prev3 [B, N, C], delta and trend
+// [H, N, C] with H dividing B. prev2 needs prev and prev3 needs prev2 (the history is C_1, C_2, C_3 in order).
+inline void check_branch(const char* op, const Tensor& x, const std::string& suffix, const BranchTensors& t) {
+  const auto name = [&suffix](const char* base) { return base + suffix; };
+  check_feature(op, name("gate").c_str(), t.gate, x);
+  TORCH_CHECK(t.gate.dim() == 2 && t.gate.size(0) == x.size(0) && t.gate.size(1) == x.size(2), op, ": ",
+              name("gate"), " has shape ", sizes_of(t.gate), ", which does not fit x of shape ", sizes_of(x));
+  check_rows(op, name("cache").c_str(), t.cache, x, {}, false);
+  const OptTensor* history[3] = {&t.prev, &t.prev2, &t.prev3};
+  const char* history_names[3] = {"prev", "prev2", "prev3"};
+  for (int j = 0; j < 3; ++j) {
+    if (!history[j]->has_value()) continue;
+    TORCH_CHECK(j == 0 || history[j - 1]->has_value(), op, ": ", name(history_names[j]), " is given without ",
+                name(history_names[j - 1]), " (the history is C_1, C_2, C_3 in order)");
+    check_rows(op, name(history_names[j]).c_str(), **history[j], x, {}, false);
+  }
+  if (t.delta.has_value()) check_rows(op, name("delta").c_str(), *t.delta, x, {}, true);
+  if (t.trend.has_value()) check_rows(op, name("trend").c_str(), *t.trend, x, {}, true);
 }
 
-// cached_segment's operands: cache [G, S, 2, B, N, C] (G in {1, 2}), gates [B, S, 2, C], generation int32 /
-// int64 [S, 2] on x's device, delta and trend [S, 2, H, N, C], coef [S, 2, 3] (its dtype and device are the
-// caller's check: the CPU kernel reads it on the host, the CUDA kernel on the device).
+// A coefficient tensor's length P: (alpha, beta_1, gamma[, beta_2[, beta_3]]).
+constexpr int64_t kMinCoefs = 3;
+constexpr int64_t kMaxCoefs = 5;
+// The most history generations a segment's cache ring holds (C_0 .. C_3).
+constexpr int64_t kMaxGenerations = 4;
+
+// The length P of a coefficient tensor of one branch: float32 [P] with P in 3..5 (its dtype and device are the
+// caller's check).
+inline int64_t coef_length(const char* op, const char* name, const Tensor& coef) {
+  TORCH_CHECK(coef.dim() == 1 && coef.size(0) >= kMinCoefs && coef.size(0) <= kMaxCoefs, op, ": ", name,
+              " must have shape [P] with P in {3, 4, 5}, got ", sizes_of(coef));
+  return coef.size(0);
+}
+
+// coef_values: kMaxCoefs floats per branch (the schema pads them with zeros).
+inline void check_coef_values(const char* op, c10::ArrayRef<double> values, size_t branches) {
+  TORCH_CHECK(values.size() == branches * kMaxCoefs, op, ": coef_values must hold ", branches * kMaxCoefs,
+              " numbers (", kMaxCoefs, " per branch", branches > 1 ? ": attention's, then MLP's" : "",
+              ", zero-padded), got ", values.size());
+}
+
+// cached_segment's operands: cache [G, S, 2, B, N, C] (G in 1..4, a ring), gates [B, S, 2, C], generation int32 /
+// int64 [S, 2] on x's device, delta and trend [S, 2, H, N, C], coef [S, 2, P] with P in 3..5 (its dtype and device
+// are the caller's check: the CPU kernel reads it on the host, the CUDA kernel on the device).
 inline void check_segment(const char* op, const Tensor& x, const Tensor& gates, const Tensor& cache,
                           const Tensor& generation, const OptTensor& delta, const OptTensor& trend,
                           const OptTensor& coef) {
   check_feature(op, "cache", cache, x);
-  TORCH_CHECK(cache.dim() == 6 && (cache.size(0) == 1 || cache.size(0) == 2) && cache.size(2) == 2 &&
+  TORCH_CHECK(cache.dim() == 6 && cache.size(0) >= 1 && cache.size(0) <= kMaxGenerations && cache.size(2) == 2 &&
                   cache.size(3) == x.size(0) && cache.size(4) == x.size(1) && cache.size(5) == x.size(2),
-              op, ": cache must have shape [G, S, 2, B, N, C] with G in {1, 2}, got ", sizes_of(cache));
+              op, ": cache must have shape [G, S, 2, B, N, C] with G in {1, 2, 3, 4}, got ", sizes_of(cache));
   const int64_t blocks = cache.size(1);
   check_feature(op, "gates", gates, x);
   TORCH_CHECK(gates.dim() == 4 && gates.size(0) == x.size(0) && gates.size(1) == blocks && gates.size(2) == 2 &&
@@ -97,8 +137,9 @@ inline void check_segment(const char* op, const Tensor& x, const Tensor& gates, 
   if (delta.has_value()) check_rows(op, "delta", *delta, x, {blocks, 2}, true);
   if (trend.has_value()) check_rows(op, "trend", *trend, x, {blocks, 2}, true);
   if (coef.has_value()) {
-    TORCH_CHECK(coef->dim() == 3 && coef->size(0) == blocks && coef->size(1) == 2 && coef->size(2) == 3, op,
-                ": coef must have shape [S, 2, 3], got ", sizes_of(*coef));
+    TORCH_CHECK(coef->dim() == 3 && coef->size(0) == blocks && coef->size(1) == 2 && coef->size(2) >= kMinCoefs &&
+                    coef->size(2) <= kMaxCoefs,
+                op, ": coef must have shape [S, 2, P] with P in {3, 4, 5}, got ", sizes_of(*coef));
   }
 }
 

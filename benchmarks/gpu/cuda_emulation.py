@@ -125,11 +125,11 @@ void emu_launch(void (*kernel)(P), dim3 grid, dim3 block, const P& p) {
 EDITS = [
     (r"#include <c10/cuda/\w+\.h>\n", "", 3),
     (r"#include <cuda_\w+\.h>\n", "", 3),
-    (r"(cached_\w+_kernel<Ty, VECTORIZED, JUDGE>)<<<g\.grid, g\.block, 0, stream>>>\(p\)",
+    (r"(cached_\w+_kernel<Ty, VECTORIZED, JUDGE, HISTORY>)<<<g\.grid, g\.block, 0, stream>>>\(p\)",
      r"emu_launch(&\1, g.grid, g.block, p)", 2),
     (r"const c10::cuda::CUDAGuard guard\(x\.device\(\)\);", "", 2),
     (r"= c10::cuda::getCurrentCUDAStream\(\)", "= nullptr", 2),
-    (r"x\.is_cuda\(\)", "x.is_cpu()", 1),
+    (r"c10::DeviceType::CUDA\)", "c10::DeviceType::CPU)", 1),  # check_x_out: x on the CPU
 ]
 
 
@@ -162,7 +162,8 @@ def build(directory):
         f.write(emulation_source())
     cpp_extension.load(name="eoc_emu", sources=[source], extra_cflags=["-O1", "-std=c++20", "-ffp-contract=off",
                                                                        "-pthread"],
-                       extra_include_paths=[directory], extra_ldflags=["-pthread"], is_python_module=False,
+                       extra_include_paths=[directory, os.path.join(REPO_ROOT, "csrc")],  # op_checks.h
+                       extra_ldflags=["-pthread"], is_python_module=False,
                        build_directory=directory, verbose=False)
     return os.path.join(directory, "eoc_emu.so")
 

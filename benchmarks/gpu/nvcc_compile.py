@@ -14,10 +14,11 @@ read, not used.
 
 Every template instantiation in the object is a kernel variant: cached_branches_kernel (cached_branch and
 cached_block) and cached_segment_kernel, each over dtype (fp32 / fp16 / bf16), load path (vector: 128-bit
-loads and stores; scalar: element by element) and JUDGE (whole-row token judgment or not). The kernels are not
+loads and stores; scalar: element by element), JUDGE (whole-row token judgment or not) and HISTORY (the K-history
+terms beta_2 / beta_3 compiled in: both on the vector path, always on the scalar path). The kernels are not
 specialized on C: a variant's registers hold 8 elements per operand and thread at any width, so one compile
 covers every C (C only sets the block shape, threads_per_row = round_up(ceil(C / 8), 32), within the variant's
-launch bounds: C <= 8192 vector, C <= 4096 scalar).
+launch bounds: C <= 8192 vector, C <= 6144 vector with HISTORY, C <= 4096 scalar).
 
 Per variant and arch: registers, stack frame and spill stores / loads (``-Xptxas -v``), shared and local memory
 (``cuobjdump --dump-resource-usage``), and the global load / store widths in the SASS (``cuobjdump -sass``:
@@ -50,9 +51,15 @@ ARCHS = (80, 90)
 GENERATED_HEADER = ("c10/cuda/impl/cuda_cmake_macros.h", "#define C10_CUDA_BUILD_SHARED_LIBS\n")
 STD = "-std=c++20"  # torch.utils.cpp_extension gives nvcc -std=c++20 unless a -std is passed
 KERNEL_NAME = re.compile(r"_ZN8eoc_cuda\d+(?P<op>\w+?)_kernelINS_\d+(?P<dtype>F32|F16|BF16)ELb(?P<vector>[01])"
-                         r"ELb(?P<judge>[01])E")
+                         r"ELb(?P<judge>[01])ELb(?P<history>[01])E")
 DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
-REGISTER_BUDGET = {"vector": 64, "scalar": 128}  # csrc/cuda_ops.cu: 65536 / __launch_bounds__ (1024, 512)
+# csrc/cuda_ops.cu, max_registers(): 65536 / __launch_bounds__ (1024, 768, 512), rounded down to 8; per (path, history).
+REGISTER_BUDGET = {("vector", False): 64, ("vector", True): 80, ("scalar", True): 128}
+
+
+def register_budget(row):
+    """The register budget of a variant row (its path and HISTORY flag)."""
+    return REGISTER_BUDGET[(row["path"], row["history"])]
 
 
 def parse_args(argv=None):
@@ -189,10 +196,10 @@ def sass_accesses(body):
 def variant_of(mangled):
     match = KERNEL_NAME.search(mangled)
     if match is None:
-        return dict(op=mangled, dtype="?", path="?", judge=None)
+        return dict(op=mangled, dtype="?", path="?", judge=None, history=None)
     return dict(op=match.group("op").replace("cached_branches", "cached_branch / cached_block"),
                 dtype=DTYPES[match.group("dtype")], path="vector" if match.group("vector") == "1" else "scalar",
-                judge=match.group("judge") == "1")
+                judge=match.group("judge") == "1", history=match.group("history") == "1")
 
 
 def compile_source(source, nvcc, cuobjdump, include_dirs, work):
@@ -268,27 +275,30 @@ def markdown(report):
              "--dump-resource-usage`, spill bytes from `ptxas -v`, global access widths from `cuobjdump -sass` "
              "(counts are SASS instructions: per thread and row slot; `LDG.128` = 128-bit loads). The kernels are "
              "not specialized on C: each variant below serves every width (C <= 8192 on the vector path, "
-             "<= 4096 on the scalar path), so these figures hold at every DiT width.", ""]
+             "<= 6144 in its HISTORY variants, <= 4096 on the scalar path), so these figures hold at every DiT "
+             "width. history: the K-history terms beta_2 / beta_3 compiled in (the vector path has variants "
+             "without them, for every launch with K <= 1; the scalar path always has them).", ""]
     for record in report["sources"]:
         status = "FAILED" if "error" in record else f"{record['compile_s']:.0f} s"
         lines.append(f"- `{record['source']}`: {status}")
     spilling = sum(spills(row) for row in rows)
     lines += ["", "## Summary", "",
               f"- variants × archs: {len(rows)}; spilling: {spilling}",
-              f"- registers: max {max((r['registers'] for r in rows), default=0)}; vector path max "
-              f"{max((r['registers'] for r in rows if r['path'] == 'vector'), default=0)} (budget "
-              f"{REGISTER_BUDGET['vector']}), scalar path max "
-              f"{max((r['registers'] for r in rows if r['path'] == 'scalar'), default=0)} (budget "
-              f"{REGISTER_BUDGET['scalar']})",
+              f"- registers: max {max((r['registers'] for r in rows), default=0)}; "
+              + "; ".join(f"{path} path{' with history' if history else ''} "
+                          f"{min((r['registers'] for r in rows if (r['path'], r['history']) == key), default=0)}-"
+                          f"{max((r['registers'] for r in rows if (r['path'], r['history']) == key), default=0)} "
+                          f"(budget {budget})" for key, budget in REGISTER_BUDGET.items() for path, history in [key]),
               f"- vector-path variants with 128-bit loads and stores: "
               f"{sum(1 for r in rows if r['path'] == 'vector' and r['ldg128'] and r['stg128'])} of "
               f"{sum(1 for r in rows if r['path'] == 'vector')}", "",
               "## Per variant", "",
-              "| kernel | arch | dtype | path | judge | registers | spill st/ld B | stack B | local B | shared B | "
-              "LDG.128 | LDG bits × count | STG bits × count |", "|---" * 13 + "|"]
-    for row in sorted(rows, key=lambda r: (r["op"], r["arch"], r["dtype"], r["path"], r["judge"])):
+              "| kernel | arch | dtype | path | judge | history | registers | spill st/ld B | stack B | local B | "
+              "shared B | LDG.128 | LDG bits × count | STG bits × count |", "|---" * 14 + "|"]
+    for row in sorted(rows, key=lambda r: (r["op"], r["arch"], r["dtype"], r["path"], r["judge"], r["history"])):
         lines.append(f"| {row['op']} | {row['arch']} | {row['dtype']} | {row['path']} | "
-                     f"{'yes' if row['judge'] else 'no'} | {row['registers']} | {row['spill_stores']}/"
+                     f"{'yes' if row['judge'] else 'no'} | {'yes' if row['history'] else 'no'} | "
+                     f"{row['registers']} | {row['spill_stores']}/"
                      f"{row['spill_loads']} | {row['stack']} | {row['local']} | {row['shared']} | {row['ldg128']} | "
                      f"{widths_text(row['loads'])} | {widths_text(row['stores'])} |")
     return "\n".join(lines) + "\n"
@@ -356,7 +366,8 @@ def main(argv=None):
         return 2
     if args.fail_on_spill and spilling:
         for row in spilling:
-            print(f"SPILL {row['op']} {row['arch']} {row['dtype']} {row['path']} judge={row['judge']}: "
+            print(f"SPILL {row['op']} {row['arch']} {row['dtype']} {row['path']} judge={row['judge']} "
+                  f"history={row['history']}: "
                   f"{row['spill_stores']}/{row['spill_loads']} B spilled, stack {row['stack']} B, "
                   f"local {row['local']} B",
                   file=sys.stderr)

@@ -28,6 +28,7 @@ from .naive import (
     run_segment,
     segment_threshold,
     splitting_threshold,
+    splitting_threshold_of,
 )
 from .op_inputs import requiring_grad, small_op_inputs
 from .test_segment import TERM_CASES, check_segment_case
@@ -326,8 +327,8 @@ def test_strided_output_buffer():
     x = torch.randn(2, 5, 37, generator=gen)
     branch = random_branch(gen, 2, 5, 37, torch.float32, heads=2)
     out = torch.full((2, 5, 74), float("nan"))[..., ::2]
-    torch.ops.eoc.cached_branch_out(x, branch["gate"], branch["cache"], branch["prev"], branch["delta"],
-                                        branch["trend"], list(branch["coef"]), None, 0.1, None, out)
+    torch.ops.eoc.cached_branch_out(x, branch["gate"], branch["cache"], branch["prev"], None, None, branch["delta"],
+                                    branch["trend"], list(branch["coef"]) + [0.0, 0.0], None, 0.1, None, out)
     torch.testing.assert_close(out, reference.cached_branch(x, branch["gate"], branch["cache"],
                                                             **branch_kwargs(branch), token_threshold=0.1))
 
@@ -448,6 +449,298 @@ def test_empty_inputs():
     assert torch.equal(out, x)
 
 
+# --- K history: prev2 / prev3, coef of length 4 and 5, the cache ring ----------------------------
+
+HISTORY = ("prev", "prev2", "prev3")  # C_1, C_2, C_3
+COEF_5 = (0.8, 0.6, -0.5, -0.45, 0.3)  # (alpha, beta1, gamma, beta2, beta3)
+
+
+def history_coef(values, form):
+    return tuple(values) if form == "float" else torch.tensor(values, dtype=torch.float32)
+
+
+def random_history_branch(gen, batch, tokens, channels, dtype, *, coef, heads=1, depth=3):
+    """One reused branch with the history C_1..C_depth (prev, prev2, prev3; the others None) of a feature
+    drifting step by step, delta and trend [heads, N, C]; per-token scales spread the judgment scores."""
+    def randn(rows):
+        return torch.randn(rows, tokens, channels, generator=gen)
+
+    def token_scale(rows):
+        return 0.1 + 2 * torch.rand(rows, tokens, 1, generator=gen)
+
+    cache = randn(batch)
+    branch = dict(gate=torch.randn(batch, channels, generator=gen), cache=cache,
+                  delta=0.3 * token_scale(heads) * randn(heads),
+                  trend=(2 * torch.rand(heads, tokens, channels, generator=gen) - 1) * token_scale(heads).clamp(max=1))
+    older = cache
+    for j, name in enumerate(HISTORY):
+        older = older - 0.3 * token_scale(batch) * randn(batch)
+        branch[name] = older if j < depth else None
+    branch = {key: None if value is None else value.to(dtype) for key, value in branch.items()}
+    return branch | {"coef": coef}
+
+
+def history_kwargs(branch, suffix=""):
+    return {f"{key}{suffix}": branch[key] for key in (*HISTORY, "delta", "trend", "coef")}
+
+
+def naive_history_corrections(branch):
+    """(C_0, corr) in fp64: corr = α·D + β1·(C_0 − C_1) + γ·(C_0 ⊙ E) + β2·(C_1 − C_2) + β3·(C_2 − C_3), each term
+    where its tensors are given (β_i: C_{i-1} and C_i)."""
+    values = [float(c) for c in branch["coef"]]
+    alpha, beta1, gamma, beta2, beta3 = values + [0.0] * (5 - len(values))
+    c0 = branch["cache"].double()
+    batch = c0.shape[0]
+
+    def per_row(t):
+        return t.double().repeat_interleave(batch // t.shape[0], dim=0)
+
+    history = [c0] + [None if branch[name] is None else branch[name].double() for name in HISTORY]
+    corr = torch.zeros_like(c0)
+    if branch["delta"] is not None and alpha != 0:
+        corr += alpha * per_row(branch["delta"])
+    if history[1] is not None and beta1 != 0:
+        corr += beta1 * (c0 - history[1])
+    if branch["trend"] is not None and gamma != 0:
+        corr += gamma * c0 * per_row(branch["trend"])
+    for i, beta in ((2, beta2), (3, beta3)):
+        if history[i - 1] is not None and history[i] is not None and beta != 0:
+            corr += beta * (history[i - 1] - history[i])
+    return c0, corr
+
+
+def naive_history_output(x, branches, threshold):
+    """x + Σ gate ⊙ F̂ in fp64, with the per-token judgment."""
+    out = x.double()
+    for branch in branches:
+        c0, corr = naive_history_corrections(branch)
+        score = corr.norm(dim=-1) / (c0.norm(dim=-1) + 1e-6)
+        keep = (score > threshold) | (threshold <= 0)
+        out = out + branch["gate"].double()[:, None, :] * (c0 + torch.where(keep[..., None], corr, 0.0))
+    return out
+
+
+def history_threshold(branches):
+    """A threshold in a clear gap of the branches' fp64 judgment scores."""
+    scores = []
+    for branch in branches:
+        c0, corr = naive_history_corrections(branch)
+        scores.append((corr.norm(dim=-1) / (c0.norm(dim=-1) + 1e-6)).flatten())
+    return splitting_threshold_of(torch.cat(scores).sort().values)
+
+
+HISTORY_SHAPES = [(1, 1, 1), (3, 49, 123), (2, 7, 1152), (3, 1, 37)]
+
+
+@pytest.mark.parametrize("coef_form", ["float", "tensor"])
+@pytest.mark.parametrize("coefs", [3, 4, 5], ids=lambda p: f"P{p}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", HISTORY_SHAPES, ids=str)
+def test_history_branch_and_block_match_reference(shape, dtype, coefs, coef_form, isa, tolerance):
+    """Every K (P = 3, 4, 5) with C_1..C_3 given: bit-identical to the reference (fp32 accumulation in the
+    order α, β1, γ, β2, β3) without judgment and with a threshold in a clear gap of the scores, and close
+    to naive fp64. cached_block's MLP branch has its own length (8 − P) and head count."""
+    gen = torch.Generator().manual_seed(80 + coefs)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    attn = random_history_branch(gen, *shape, dtype, coef=history_coef(COEF_5[:coefs], coef_form))
+    mlp = random_history_branch(gen, *shape, dtype, heads=shape[0],
+                                coef=history_coef((0.4, -0.7, 0.9, 1.1, -0.6)[: 8 - coefs], coef_form))
+    splits = shape[0] * shape[1] > 4
+    for branches in ([attn], [attn, mlp]):
+        for threshold in (0.0, history_threshold(branches) if splits else 0.5):
+            if len(branches) == 1:
+                args = (x, attn["gate"], attn["cache"])
+                kwargs = history_kwargs(attn)
+                op = "cached_branch"
+            else:
+                args = (x, attn["gate"], mlp["gate"], attn["cache"], mlp["cache"])
+                kwargs = history_kwargs(attn, "_attn") | history_kwargs(mlp, "_mlp")
+                op = "cached_block"
+            expected = getattr(reference, op)(*args, **kwargs, token_threshold=threshold)
+            with poisoned_output_buffers() as buffers:
+                out = getattr(eoc_kernels, op)(*args, **kwargs, token_threshold=threshold, **CPP)
+            assert len(buffers) == 1
+            assert torch.equal(out, expected), (op, threshold)
+            torch.testing.assert_close(out.double(), naive_history_output(x, branches, threshold), **tolerance(dtype))
+
+
+ZERO_PATTERNS = [tuple(bool(mask >> i & 1) for i in range(5)) for mask in range(32)]  # zero slots of (α, β1, γ, β2, β3)
+
+
+def unread_operands(coef_values, depth=3):
+    """The operands a branch with these 5 coefficient values never reads: delta (α = 0), trend (γ = 0),
+    C_j when neither β_j nor β_{j+1} applies."""
+    alpha, beta1, gamma, beta2, beta3 = coef_values
+    read = {"delta": alpha != 0, "trend": gamma != 0, "prev": beta1 != 0 or beta2 != 0,
+            "prev2": beta2 != 0 or beta3 != 0, "prev3": beta3 != 0}
+    return [name for name, used in read.items() if not used]
+
+
+@NEEDS_CPP
+@pytest.mark.parametrize("coef_form", ["float", "tensor"])
+@pytest.mark.parametrize("op", ["branch", "block"])
+def test_history_zero_coefficients_leave_tensors_unread(op, coef_form):
+    """For each of the 32 patterns of zero coefficients (β2 = 0 with β3 != 0 among them), the operands no
+    applied term needs hold NaN and the result equals the reference on clean operands; a tensor coef of
+    length 3 or 4 leaves prev3 (and prev2) unread too."""
+    gen = torch.Generator().manual_seed(85)
+    shape = (2, 7, 37)
+    x = torch.randn(shape, generator=gen)
+    branch = random_history_branch(gen, *shape, torch.float32, coef=None, heads=2)
+    cases = [tuple(0.0 if zero else value for zero, value in zip(pattern, COEF_5)) for pattern in ZERO_PATTERNS]
+    cases += [COEF_5[:4], COEF_5[:3], (0.0, 0.0, 0.0, 0.0), (0.0, 0.5, 0.0)]
+    for values in cases:
+        padded = tuple(values) + (0.0,) * (5 - len(values))
+        coef = history_coef(values, coef_form)
+        clean = dict(branch, coef=coef)
+        dirty = dict(clean)
+        for name in unread_operands(padded):
+            dirty[name] = torch.full_like(branch[name], float("nan"))
+        for threshold in (0.0, 0.2):
+            if op == "branch":
+                args = (x, branch["gate"], branch["cache"])
+                out = cached_branch(*args, **history_kwargs(dirty), token_threshold=threshold, **CPP)
+                expected = reference.cached_branch(*args, **history_kwargs(clean), token_threshold=threshold)
+            else:
+                args = (x, branch["gate"], branch["gate"], branch["cache"], branch["cache"])
+                out = cached_block(*args, **history_kwargs(dirty, "_attn"), **history_kwargs(dirty, "_mlp"),
+                                   token_threshold=threshold, **CPP)
+                expected = reference.cached_block(*args, **history_kwargs(clean, "_attn"),
+                                                  **history_kwargs(clean, "_mlp"), token_threshold=threshold)
+            assert torch.isfinite(out).all(), values
+            assert torch.equal(out, expected), values
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_history_strided_inputs(dtype, isa, tolerance):
+    """History tensors strided over C (read every other channel, transposed over (N, C)) and a sliced prev:
+    the gathered path, with β2 and β3 on, against the reference."""
+    gen = torch.Generator().manual_seed(86)
+    shape = (2, 7, 123)
+    branch = random_history_branch(gen, *shape, dtype, coef=COEF_5, heads=1)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    batch, tokens, channels = shape
+    strided = dict(branch)
+    strided["prev"] = torch.cat([branch["prev"], branch["cache"]], dim=1)[:, :tokens]  # stride_b != N·C
+    strided["prev2"] = torch.stack([branch["prev2"], branch["cache"]], dim=-1)[..., 0]  # stride_c == 2
+    strided["prev3"] = branch["prev3"].transpose(1, 2).contiguous().transpose(1, 2)  # stride_c == N
+    assert strided["prev2"].stride(-1) == 2 and strided["prev3"].stride(-1) == tokens
+    for coef in (COEF_5, torch.tensor([0.8, 0.0, -0.5, 0.0, 0.3]), (0.0, 0.0, 0.0, -0.45, 0.0)):
+        for threshold in (0.0, history_threshold([dict(branch, coef=coef)])):
+            kwargs = history_kwargs(dict(strided, coef=coef))
+            assert_same_as_reference("cached_branch", x, branch["gate"], branch["cache"], **kwargs,
+                                     token_threshold=threshold, tol=tolerance(dtype))
+
+
+def random_ring_segment(gen, batch, tokens, channels, dtype, *, generations, coefs, blocks=3, heads=None,
+                        index_dtype=torch.int32):
+    """cached_segment inputs over a ring of G generations, plus the entries as history branch dicts.
+
+    Entry e = (s, k) holds C_0 in generation (e + e // G) mod G (every value 0..G-1 occurs, S >= 2) and C_j
+    in (generation − j) mod G; the generations it never reads (K = min(G − 1, P − 2) and its zero
+    coefficients decide) hold NaN. The cache is the view buffer[:, 1:1 + S] of a wider buffer. Coefficients:
+    random, entry 0 with every term, entry 1 with β2 = 0 and β3 != 0, entries 2..4 plain (all zero: a run of
+    grouped plain-reuse entries), the rest random with some zeros."""
+    heads = (2 if batch % 2 == 0 else 1) if heads is None else heads
+    history = min(generations - 1, coefs - 2)
+    coef = torch.randn(blocks, 2, coefs, generator=gen)
+    coef[torch.rand(blocks, 2, coefs, generator=gen) < 0.25] = 0.0
+    flat = coef.view(-1, coefs)
+    flat[0] = torch.tensor(COEF_5[:coefs])
+    if coefs == 5:
+        flat[1] = torch.tensor([0.0, 0.0, 0.4, 0.0, -0.7])
+    flat[2:5] = 0.0
+    generation = torch.tensor([(e + e // generations) % generations for e in range(2 * blocks)], dtype=index_dtype)
+    generation = generation.view(blocks, 2)
+    buffer = torch.full((generations, blocks + 2, 2, batch, tokens, channels), float("nan"))
+    clean = torch.zeros_like(buffer)
+    entries = []
+    for s in range(blocks):
+        for k in range(2):
+            e = 2 * s + k
+            entry = random_history_branch(gen, batch, tokens, channels, torch.float32, heads=heads, depth=3,
+                                          coef=flat[e])
+            values = flat[e].tolist() + [0.0] * (5 - coefs)
+            for i, slot in enumerate((1, 3, 4), start=1):  # β_i with i > K is not applied
+                values[slot] = values[slot] if i <= history else 0.0
+            unread = set(unread_operands(values))
+            g = int(generation[s, k])
+            chain = [entry["cache"]] + [entry[name] for name in HISTORY]
+            for j in range(generations):
+                slot = (g - j) % generations
+                clean[slot, 1 + s, k] = chain[j]
+                if j == 0 or (j <= history and HISTORY[j - 1] not in unread):
+                    buffer[slot, 1 + s, k] = chain[j]
+            for j, name in enumerate(HISTORY, start=1):
+                if j > history:
+                    entry[name] = None  # the ring does not hold it, or coef has no β reaching it
+            entries.append(entry)
+    gate_matrix = torch.randn(batch, (blocks + 2) * 2 * channels + 3, generator=gen).to(dtype)
+    gates = gate_matrix[:, 3:].view(batch, blocks + 2, 2, channels)[:, 1:1 + blocks]
+
+    def stacked(name):
+        return torch.stack([entry[name] for entry in entries]).view(blocks, 2, heads, tokens, channels).to(dtype)
+
+    segment = dict(gates=gates, cache=buffer.to(dtype)[:, 1:1 + blocks], generation=generation,
+                   delta=stacked("delta"), trend=stacked("trend"), coef=coef)
+    for e, entry in enumerate(entries):
+        entry["gate"] = gates[:, e // 2, e % 2]
+        for key in ("cache", *HISTORY, "delta", "trend"):
+            if entry[key] is not None:
+                entry[key] = entry[key].to(dtype)
+    return segment, clean.to(dtype)[:, 1:1 + blocks], entries
+
+
+@pytest.mark.parametrize("coefs", [3, 4, 5], ids=lambda p: f"P{p}")
+@pytest.mark.parametrize("generations", [1, 2, 3, 4], ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 37), (1, 5, 1152)], ids=str)
+def test_segment_ring_matches_reference(shape, dtype, generations, coefs, isa, tolerance):
+    """The ring: C_j of entry (s, k) in generation (generation[s, k] − j) mod G, history term i applied iff
+    i <= G − 1, i <= P − 2 and its coefficient is nonzero; every generation value occurs, and every generation
+    an entry does not read holds NaN. Bit-identical to the reference on the clean ring, close to naive fp64."""
+    gen = torch.Generator().manual_seed(87 + 3 * generations + coefs)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    segment, clean, entries = random_ring_segment(gen, *shape, dtype, generations=generations, coefs=coefs)
+    assert sorted(set(segment["generation"].flatten().tolist())) == list(range(generations))
+    for threshold in (0.0, history_threshold(entries)):
+        expected = reference.cached_segment(x, segment["gates"], clean, segment["generation"], delta=segment["delta"],
+                                            trend=segment["trend"], coef=segment["coef"], token_threshold=threshold)
+        with poisoned_output_buffers() as buffers:
+            out = run_segment(x, segment, token_threshold=threshold, **CPP)
+        assert len(buffers) == 1 and torch.isfinite(out).all()
+        assert torch.equal(out, expected), threshold
+        torch.testing.assert_close(out.double(), naive_history_output(x, entries, threshold), **tolerance(dtype))
+    # coef None: plain reuse reads C_0 only (every other generation may hold NaN).
+    plain = reference.cached_segment(x, segment["gates"], clean, segment["generation"])
+    only_current = torch.full_like(segment["cache"], float("nan"))
+    for s in range(segment["cache"].shape[1]):
+        for k in range(2):
+            g = int(segment["generation"][s, k])
+            only_current[g, s, k] = clean[g, s, k]
+    out = run_segment(x, segment | {"cache": only_current, "coef": None}, **CPP)
+    assert torch.equal(out, plain)
+
+
+@NEEDS_CPP
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+def test_segment_ring_generation_values(index_dtype):
+    """Every generation value of every entry, for each G: rolling the generations (C_0 moves to the next slot of
+    the ring, the history with it) gives the same result."""
+    gen = torch.Generator().manual_seed(88)
+    shape = (2, 5, 16)
+    x = torch.randn(shape, generator=gen)
+    for generations in (2, 3, 4):
+        segment, clean, _ = random_ring_segment(gen, *shape, torch.float32, generations=generations, coefs=5,
+                                                blocks=2, index_dtype=index_dtype)
+        first = run_segment(x, segment | {"cache": clean}, token_threshold=0.1, **CPP)
+        for shift in range(1, generations):
+            rolled = clean.roll(shift, dims=0)
+            generation = (segment["generation"] + shift) % generations
+            out = run_segment(x, segment | {"cache": rolled, "generation": generation}, token_threshold=0.1, **CPP)
+            assert torch.equal(out, first), (generations, shift)
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 @NEEDS_CPP
@@ -487,24 +780,49 @@ def test_kernels_check_what_they_read():
     x = torch.randn(2, 3, 8)
     out = torch.empty_like(x)
     ops = torch.ops.eoc
+    none3 = (None, None, None)  # prev, prev2, prev3
     with pytest.raises(RuntimeError, match="cache has shape"):
-        ops.cached_branch_out(x, x[:, 0], torch.randn(2, 2, 8), None, None, None, [0.0] * 3, None, 0.0, None, out)
+        ops.cached_branch_out(x, x[:, 0], torch.randn(2, 2, 8), *none3, None, None, [0.0] * 5, None, 0.0, None, out)
     with pytest.raises(RuntimeError, match="delta has shape"):
-        ops.cached_branch_out(x, x[:, 0], x, None, torch.randn(3, 3, 8), None, [1.0, 0, 0], None, 0.0, None, out)
+        ops.cached_branch_out(x, x[:, 0], x, *none3, torch.randn(3, 3, 8), None, [1.0, 0, 0, 0, 0], None, 0.0, None,
+                              out)
     with pytest.raises(RuntimeError, match="gate must have dtype"):
-        ops.cached_branch_out(x, x[:, 0].double(), x, None, None, None, [0.0] * 3, None, 0.0, None, out)
-    with pytest.raises(RuntimeError, match="coef_values must hold 6"):
-        ops.cached_block_out(x, x[:, 0], x[:, 0], x, x, None, None, None, None, None, None, [0.0] * 3, None, None,
-                             0.0, None, out)
+        ops.cached_branch_out(x, x[:, 0].double(), x, *none3, None, None, [0.0] * 5, None, 0.0, None, out)
+    with pytest.raises(RuntimeError, match="prev2 has shape"):
+        ops.cached_branch_out(x, x[:, 0], x, x, torch.randn(2, 3, 7), None, None, None, [0.0] * 5, None, 0.0, None,
+                              out)
+    with pytest.raises(RuntimeError, match="prev2 is given without prev"):
+        ops.cached_branch_out(x, x[:, 0], x, None, x, None, None, None, [0.0] * 5, None, 0.0, None, out)
+    with pytest.raises(RuntimeError, match="prev3_mlp is given without prev2_mlp"):
+        ops.cached_block_out(x, x[:, 0], x[:, 0], x, x, x, x, None, None, None, x, None, None, None, None,
+                             [0.0] * 10, None, None, 0.0, None, out)
+    with pytest.raises(RuntimeError, match=r"coef_values must hold 5 numbers \(5 per branch, zero-padded\), got 3"):
+        ops.cached_branch_out(x, x[:, 0], x, *none3, None, None, [0.0] * 3, None, 0.0, None, out)
+    with pytest.raises(RuntimeError, match="coef_values must hold 10"):
+        ops.cached_block_out(x, x[:, 0], x[:, 0], x, x, *(None,) * 10, [0.0] * 6, None, None, 0.0, None, out)
+    for bad in (torch.zeros(2), torch.zeros(6), torch.zeros(1, 5)):
+        with pytest.raises(RuntimeError, match=r"coef_tensor must have shape \[P\] with P in \{3, 4, 5\}"):
+            ops.cached_branch_out(x, x[:, 0], x, *none3, None, None, [0.0] * 5, bad, 0.0, None, out)
     with pytest.raises(RuntimeError, match="out must have the shape of x"):
-        ops.cached_branch_out(x, x[:, 0], x, None, None, None, [0.0] * 3, None, 0.0, None, out[:1])
+        ops.cached_branch_out(x, x[:, 0], x, *none3, None, None, [0.0] * 5, None, 0.0, None, out[:1])
+    gates = torch.randn(2, 1, 2, 8)
     cache = torch.randn(2, 1, 2, 2, 3, 8)
     for bad in (-1, 2):
         with pytest.raises(RuntimeError, match=r"generation values must be in 0\.\.1"):
-            ops.cached_segment_out(x, torch.randn(2, 1, 2, 8), cache, torch.tensor([[0, bad]]), None, None, None,
-                                   0.0, None, out)
+            ops.cached_segment_out(x, gates, cache, torch.tensor([[0, bad]]), None, None, None, 0.0, None, out)
+    ring = torch.randn(3, 1, 2, 2, 3, 8)
+    with pytest.raises(RuntimeError, match=r"generation values must be in 0\.\.2, got 3"):
+        ops.cached_segment_out(x, gates, ring, torch.tensor([[0, 3]]), None, None, torch.zeros(1, 2, 5), 0.0, None,
+                               out)
+    with pytest.raises(RuntimeError, match=r"cache must have shape \[G, S, 2, B, N, C\] with G in \{1, 2, 3, 4\}"):
+        ops.cached_segment_out(x, gates, torch.randn(5, 1, 2, 2, 3, 8), torch.zeros(1, 2, dtype=torch.int32), None,
+                               None, None, 0.0, None, out)
+    for bad in (torch.zeros(1, 2, 2), torch.zeros(1, 2, 6), torch.zeros(2, 2, 3)):
+        with pytest.raises(RuntimeError, match=r"coef must have shape \[S, 2, P\] with P in \{3, 4, 5\}"):
+            ops.cached_segment_out(x, gates, ring, torch.zeros(1, 2, dtype=torch.int32), None, None, bad, 0.0, None,
+                                   out)
     with pytest.raises(RuntimeError, match="threshold_tensor must be a float32 CPU tensor of 1"):
-        ops.cached_segment_out(x, torch.randn(2, 1, 2, 8), cache, torch.zeros(1, 2, dtype=torch.int32), None, None,
+        ops.cached_segment_out(x, gates, cache, torch.zeros(1, 2, dtype=torch.int32), None, None,
                                None, 0.0, torch.zeros(2), out)
 
 

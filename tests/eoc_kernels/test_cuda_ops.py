@@ -30,6 +30,15 @@ import eoc_kernels
 from eoc_kernels import reference
 
 from .naive import DTYPES, random_branch, random_segment, segment_threshold, splitting_threshold
+from .test_cpp_ops import (
+    COEF_5,
+    ZERO_PATTERNS,
+    history_coef,
+    history_threshold,
+    random_history_branch,
+    random_ring_segment,
+    unread_operands,
+)
 
 
 def _has_cuda_kernels() -> bool:
@@ -74,10 +83,11 @@ def poisoned(x):
 
 
 def split_coef(coef):
-    """(coef_values, coef_tensor) of the schema: a tensor goes as is, numbers as floats."""
+    """(coef_values, coef_tensor) of the schema: a tensor goes as is, numbers as 5 floats (zero-padded)."""
     if isinstance(coef, torch.Tensor):
-        return [0.0, 0.0, 0.0], coef
-    return [float(value) for value in coef], None
+        return [0.0] * 5, coef
+    values = [float(value) for value in coef]
+    return values + [0.0] * (5 - len(values)), None
 
 
 def split_threshold(threshold):
@@ -89,8 +99,8 @@ def split_threshold(threshold):
 def branch_out(x, b, threshold, out=None):
     out = poisoned(x) if out is None else out
     values, tensor = split_coef(b["coef"])
-    OPS.cached_branch_out(x, b["gate"], b["cache"], b["prev"], b["delta"], b["trend"], values, tensor,
-                          *split_threshold(threshold), out)
+    OPS.cached_branch_out(x, b["gate"], b["cache"], b["prev"], b.get("prev2"), b.get("prev3"), b["delta"], b["trend"],
+                          values, tensor, *split_threshold(threshold), out)
     return out
 
 
@@ -99,8 +109,9 @@ def block_out(x, attn, mlp, threshold, out=None):
     values_a, tensor_a = split_coef(attn["coef"])
     values_m, tensor_m = split_coef(mlp["coef"])
     OPS.cached_block_out(x, attn["gate"], mlp["gate"], attn["cache"], mlp["cache"], attn["prev"], mlp["prev"],
-                         attn["delta"], mlp["delta"], attn["trend"], mlp["trend"], values_a + values_m, tensor_a,
-                         tensor_m, *split_threshold(threshold), out)
+                         attn.get("prev2"), mlp.get("prev2"), attn.get("prev3"), mlp.get("prev3"), attn["delta"],
+                         mlp["delta"], attn["trend"], mlp["trend"], values_a + values_m, tensor_a, tensor_m,
+                         *split_threshold(threshold), out)
     return out
 
 
@@ -112,15 +123,16 @@ def segment_out(x, seg, threshold, out=None):
 
 
 def branch_reference(x, b, threshold):
-    return reference.cached_branch(x, b["gate"], b["cache"], prev=b["prev"], delta=b["delta"], trend=b["trend"],
-                                   coef=b["coef"], token_threshold=threshold)
+    return reference.cached_branch(x, b["gate"], b["cache"], prev=b["prev"], prev2=b.get("prev2"), prev3=b.get("prev3"),
+                                   delta=b["delta"], trend=b["trend"], coef=b["coef"], token_threshold=threshold)
 
 
 def block_reference(x, attn, mlp, threshold):
     return reference.cached_block(x, attn["gate"], mlp["gate"], attn["cache"], mlp["cache"], prev_attn=attn["prev"],
-                                  prev_mlp=mlp["prev"], delta_attn=attn["delta"], delta_mlp=mlp["delta"],
-                                  trend_attn=attn["trend"], trend_mlp=mlp["trend"], coef_attn=attn["coef"],
-                                  coef_mlp=mlp["coef"], token_threshold=threshold)
+                                  prev_mlp=mlp["prev"], prev2_attn=attn.get("prev2"), prev2_mlp=mlp.get("prev2"),
+                                  prev3_attn=attn.get("prev3"), prev3_mlp=mlp.get("prev3"), delta_attn=attn["delta"],
+                                  delta_mlp=mlp["delta"], trend_attn=attn["trend"], trend_mlp=mlp["trend"],
+                                  coef_attn=attn["coef"], coef_mlp=mlp["coef"], token_threshold=threshold)
 
 
 def segment_reference(x, seg, threshold):
@@ -396,6 +408,143 @@ def test_generations_are_read_on_the_device_and_clamped(index_dtype, tolerance):
                  segment_reference(x, seg | {"generation": clamped}, 0.0), tol)
 
 
+# --- K history: prev2 / prev3, coef of length 4 and 5, the cache ring ------------------------------------
+
+HISTORY_SHAPES = [(1, 49, 123), (3, 7, 1152), (2, 5, 4096), (3, 1, 37), (2, 3, 6144)]
+
+
+@pytest.mark.parametrize("threshold_form", ["zero", "float", "tensor"])
+@pytest.mark.parametrize("coef_form", ["float", "tensor"])
+@pytest.mark.parametrize("coefs", [3, 4, 5], ids=lambda p: f"P{p}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", HISTORY_SHAPES, ids=str)
+def test_history_matches_reference(shape, dtype, coefs, coef_form, threshold_form, tolerance):
+    """Every K (P = 3, 4, 5) with C_1..C_3 given, both load paths (C = 123 and 37: scalar; the others: 128-bit,
+    the HISTORY variants up to C = 6144): without judgment bit-identical to the reference (fp32 in the order
+    α, β1, γ, β2, β3, --fmad=false), with a splitting threshold close to it; cached_block's MLP branch has its
+    own coef length (8 − P)."""
+    gen = torch.Generator().manual_seed(90 + coefs)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    attn = random_history_branch(gen, *shape, dtype, coef=history_coef(COEF_5[:coefs], coef_form))
+    mlp = random_history_branch(gen, *shape, dtype, heads=shape[0],
+                                coef=history_coef((0.4, -0.7, 0.9, 1.1, -0.6)[: 8 - coefs], coef_form))
+    value = history_threshold([attn]) if shape[0] * shape[1] > 4 else 0.5
+    block_value = history_threshold([attn, mlp]) if shape[0] * shape[1] > 4 else 0.5
+    x, attn, mlp = to_cuda(x), to_cuda(attn), to_cuda(mlp)
+    out = branch_out(x, attn, threshold_of(threshold_form, value))
+    expected = branch_reference(x, attn, threshold_of(threshold_form, value))
+    block = block_out(x, attn, mlp, threshold_of(threshold_form, block_value))
+    block_expected = block_reference(x, attn, mlp, threshold_of(threshold_form, block_value))
+    if threshold_form == "zero":
+        assert torch.equal(out, expected) and torch.equal(block, block_expected)
+    assert_close(out, expected, tolerance(dtype))
+    assert_close(block, block_expected, tolerance(dtype))
+
+
+@pytest.mark.parametrize("coef_form", ["float", "tensor"])
+def test_history_zero_coefficients_leave_tensors_unread(coef_form):
+    """The 32 patterns of zero coefficients (β2 = 0 with β3 != 0 among them): operands no applied term needs hold
+    NaN; a tensor coef of length 3 or 4 leaves prev3 (and prev2) unread."""
+    gen = torch.Generator().manual_seed(91)
+    shape = (2, 7, 1152)
+    x = to_cuda(torch.randn(shape, generator=gen))
+    branch = to_cuda(random_history_branch(gen, *shape, torch.float32, coef=None, heads=2))
+    cases = [tuple(0.0 if zero else value for zero, value in zip(pattern, COEF_5)) for pattern in ZERO_PATTERNS]
+    cases += [COEF_5[:4], COEF_5[:3]]
+    for values in cases:
+        coef = to_cuda(history_coef(values, coef_form))
+        clean = dict(branch, coef=coef)
+        dirty = dict(clean)
+        for name in unread_operands(tuple(values) + (0.0,) * (5 - len(values))):
+            dirty[name] = torch.full_like(branch[name], float("nan"))
+        for threshold in (0.0, 0.2):
+            out = branch_out(x, dirty, threshold)
+            assert torch.isfinite(out).all(), values
+            torch.testing.assert_close(out, branch_reference(x, clean, threshold))
+            out = block_out(x, dirty, dirty, threshold)
+            assert torch.isfinite(out).all(), values
+            torch.testing.assert_close(out, block_reference(x, clean, clean, threshold))
+
+
+@pytest.mark.parametrize("layout", ["views", "aligned"])  # scalar path (gates at an odd offset) / 128-bit path
+@pytest.mark.parametrize("coefs", [3, 4, 5], ids=lambda p: f"P{p}")
+@pytest.mark.parametrize("generations", [1, 2, 3, 4], ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 1152), (1, 5, 40)], ids=str)
+def test_segment_ring_matches_reference(shape, dtype, generations, coefs, layout, tolerance):
+    """The ring (C_j of entry (s, k) in generation (generation[s, k] − j) mod G; term i iff i <= G − 1,
+    i <= P − 2 and its coefficient nonzero), every generation value, NaN in every generation an entry does not
+    read; without judgment bit-identical to the reference on the clean ring."""
+    gen = torch.Generator().manual_seed(92 + 3 * generations + coefs)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    seg, clean, entries = random_ring_segment(gen, *shape, dtype, generations=generations, coefs=coefs)
+    value = history_threshold(entries)
+    x, seg, clean = to_cuda(x), to_cuda(seg), to_cuda(clean)
+    if layout == "aligned":
+        seg["gates"] = seg["gates"].contiguous()
+    for threshold in (0.0, value, torch.tensor([value], device=CUDA)):
+        out = segment_out(x, seg, threshold)
+        expected = segment_reference(x, seg | {"cache": clean}, threshold)
+        assert torch.isfinite(out).all()
+        if isinstance(threshold, float) and threshold == 0.0:
+            assert torch.equal(out, expected)
+        assert_close(out, expected, tolerance(dtype))
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+def test_segment_ring_generations_roll_and_clamp(index_dtype):
+    """Rolling the ring (C_0 one slot on, its history with it) leaves the result unchanged; a direct call with
+    generation values outside 0..G-1 reads the clamped generation, never outside the cache."""
+    gen = torch.Generator().manual_seed(93)
+    shape = (2, 5, 1152)
+    x = to_cuda(torch.randn(shape, generator=gen))
+    for generations in (2, 3, 4):
+        seg, clean, _ = random_ring_segment(gen, *shape, torch.float32, generations=generations, coefs=5, blocks=2,
+                                            index_dtype=index_dtype)
+        seg, clean = to_cuda(seg), to_cuda(clean)
+        first = segment_out(x, seg | {"cache": clean}, 0.1)
+        for shift in range(1, generations):
+            rolled = seg | {"cache": clean.roll(shift, dims=0), "generation": (seg["generation"] + shift) % generations}
+            assert torch.equal(segment_out(x, rolled, 0.1), first), (generations, shift)
+        wild = torch.tensor([[-3, 0], [generations + 5, 2**30]], dtype=index_dtype, device=CUDA)
+        clamped = wild.clamp(0, generations - 1)
+        torch.testing.assert_close(segment_out(x, seg | {"cache": clean, "generation": wild}, 0.0),
+                                   segment_out(x, seg | {"cache": clean, "generation": clamped}, 0.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_history_strided_inputs(dtype, tolerance):
+    """History tensors strided over C and a sliced prev (the scalar path) with β2 and β3 on."""
+    gen = torch.Generator().manual_seed(94)
+    shape = (2, 7, 123)
+    tokens = shape[1]
+    branch = random_history_branch(gen, *shape, dtype, coef=COEF_5, heads=1)
+    x = to_cuda(torch.randn(shape, generator=gen).to(dtype))
+    branch = to_cuda(branch)
+    strided = dict(branch)
+    strided["prev"] = torch.cat([branch["prev"], branch["cache"]], dim=1)[:, :tokens]
+    strided["prev2"] = torch.stack([branch["prev2"], branch["cache"]], dim=-1)[..., 0]
+    strided["prev3"] = branch["prev3"].transpose(1, 2).contiguous().transpose(1, 2)
+    for coef in (COEF_5, torch.tensor([0.8, 0.0, -0.5, 0.0, 0.3], device=CUDA)):
+        for threshold in (0.0, 0.1):
+            assert_close(branch_out(x, dict(strided, coef=coef), threshold),
+                         branch_reference(x, dict(branch, coef=coef), threshold), tolerance(dtype))
+
+
+@NEEDS_REAL_GPU
+def test_history_variant_follows_the_coefficients():
+    """beta_2 / beta_3 given (float nonzero, or a tensor of length 4 / 5 with their history) select the HISTORY
+    variant (the 4th template argument); P = 3 and zero floats keep the K <= 1 variant."""
+    x, attn, _ = branch_pair(95, (2, 7, 1152), torch.bfloat16, ("delta", "prev"), "float")
+    x, attn = to_cuda(x), to_cuda(attn)
+    history = dict(attn, prev2=attn["prev"] * 0.5, prev3=None)
+    for coef, history_variant in [((0.5, 0.3, 0.0, 0.0), "false"), ((0.5, 0.3, 0.0, 0.2), "true"),
+                                  (torch.tensor([0.5, 0.3, 0.0], device=CUDA), "false"),
+                                  (torch.tensor([0.5, 0.3, 0.0, 0.0], device=CUDA), "true")]:
+        names = kernel_names(lambda coef=coef: branch_out(x, dict(history, coef=coef), 0.0))
+        assert len(names) == 1 and f"BF16, true, false, {history_variant}>" in names[0], (coef, names)
+
+
 # --- argument checks of a direct call -------------------------------------------------------------------
 
 @NEEDS_REAL_GPU
@@ -403,41 +552,55 @@ def test_kernels_check_what_they_read():
     x = torch.randn(2, 3, 8, device=CUDA)
     out = torch.empty_like(x)
     gate = x[:, 0]
+    none3 = (None, None, None)  # prev, prev2, prev3
     with pytest.raises(RuntimeError, match="cache has shape"):
-        OPS.cached_branch_out(x, gate, torch.randn(2, 2, 8, device=CUDA), None, None, None, [0.0] * 3, None, 0.0,
+        OPS.cached_branch_out(x, gate, torch.randn(2, 2, 8, device=CUDA), *none3, None, None, [0.0] * 5, None, 0.0,
                               None, out)
     with pytest.raises(RuntimeError, match="delta has shape"):
-        OPS.cached_branch_out(x, gate, x, None, torch.randn(3, 3, 8, device=CUDA), None, [1.0, 0, 0], None, 0.0,
-                              None, out)
+        OPS.cached_branch_out(x, gate, x, *none3, torch.randn(3, 3, 8, device=CUDA), None, [1.0, 0, 0, 0, 0], None,
+                              0.0, None, out)
     with pytest.raises(RuntimeError, match="gate must have dtype"):
-        OPS.cached_branch_out(x, gate.double(), x, None, None, None, [0.0] * 3, None, 0.0, None, out)
+        OPS.cached_branch_out(x, gate.double(), x, *none3, None, None, [0.0] * 5, None, 0.0, None, out)
     with pytest.raises(RuntimeError, match="cache must be on cuda"):
-        OPS.cached_branch_out(x, gate, x.cpu(), None, None, None, [0.0] * 3, None, 0.0, None, out)
-    with pytest.raises(RuntimeError, match="coef_values must hold 6"):
-        OPS.cached_block_out(x, gate, gate, x, x, None, None, None, None, None, None, [0.0] * 3, None, None, 0.0,
-                             None, out)
+        OPS.cached_branch_out(x, gate, x.cpu(), *none3, None, None, [0.0] * 5, None, 0.0, None, out)
+    with pytest.raises(RuntimeError, match="prev2 is given without prev"):
+        OPS.cached_branch_out(x, gate, x, None, x, None, None, None, [0.0] * 5, None, 0.0, None, out)
+    with pytest.raises(RuntimeError, match="prev3 must be on cuda"):
+        OPS.cached_branch_out(x, gate, x, x, x, x.cpu(), None, None, [0.0] * 5, None, 0.0, None, out)
+    with pytest.raises(RuntimeError, match="coef_values must hold 10"):
+        OPS.cached_block_out(x, gate, gate, x, x, *(None,) * 10, [0.0] * 6, None, None, 0.0, None, out)
     with pytest.raises(RuntimeError, match="coef_tensor must be a float32 tensor of 3"):
-        OPS.cached_branch_out(x, gate, x, None, None, None, [0.0] * 3, torch.zeros(3), 0.0, None, out)
+        OPS.cached_branch_out(x, gate, x, *none3, None, None, [0.0] * 5, torch.zeros(3), 0.0, None, out)
+    with pytest.raises(RuntimeError, match=r"coef_tensor must have shape \[P\] with P in \{3, 4, 5\}"):
+        OPS.cached_branch_out(x, gate, x, *none3, None, None, [0.0] * 5, torch.zeros(6, device=CUDA), 0.0, None, out)
     with pytest.raises(RuntimeError, match="out must have the shape of x"):
-        OPS.cached_branch_out(x, gate, x, None, None, None, [0.0] * 3, None, 0.0, None, out[:1])
+        OPS.cached_branch_out(x, gate, x, *none3, None, None, [0.0] * 5, None, 0.0, None, out[:1])
     with pytest.raises(RuntimeError, match="threshold_tensor must be a float32 tensor of 1"):
-        OPS.cached_branch_out(x, gate, x, None, None, None, [0.0] * 3, None, 0.0, torch.zeros(2, device=CUDA), out)
+        OPS.cached_branch_out(x, gate, x, *none3, None, None, [0.0] * 5, None, 0.0, torch.zeros(2, device=CUDA), out)
     cache = torch.randn(2, 1, 2, 2, 3, 8, device=CUDA)
     with pytest.raises(RuntimeError, match="generation must be an int32 or int64 tensor of shape"):
         OPS.cached_segment_out(x, torch.randn(2, 1, 2, 8, device=CUDA), cache,
                                torch.zeros(1, 2, device=CUDA), None, None, None, 0.0, None, out)
-    with pytest.raises(RuntimeError, match="coef must have shape"):
-        OPS.cached_segment_out(x, torch.randn(2, 1, 2, 8, device=CUDA), cache,
-                               torch.zeros(1, 2, dtype=torch.int32, device=CUDA), None, None,
-                               torch.zeros(2, 2, 3, device=CUDA), 0.0, None, out)
+    for bad in (torch.zeros(2, 2, 3, device=CUDA), torch.zeros(1, 2, 6, device=CUDA)):
+        with pytest.raises(RuntimeError, match="coef must have shape"):
+            OPS.cached_segment_out(x, torch.randn(2, 1, 2, 8, device=CUDA), cache,
+                                   torch.zeros(1, 2, dtype=torch.int32, device=CUDA), None, None, bad, 0.0, None, out)
+    with pytest.raises(RuntimeError, match=r"with G in \{1, 2, 3, 4\}"):
+        OPS.cached_segment_out(x, torch.randn(2, 1, 2, 8, device=CUDA), torch.randn(5, 1, 2, 2, 3, 8, device=CUDA),
+                               torch.zeros(1, 2, dtype=torch.int32, device=CUDA), None, None, None, 0.0, None, out)
     wide = torch.randn(1, 1, 8200, device=CUDA)
     with pytest.raises(RuntimeError, match="supports C <= 8192"):
-        OPS.cached_branch_out(wide, wide[:, 0], wide, None, None, None, [0.0] * 3, None, 0.0, None,
+        OPS.cached_branch_out(wide, wide[:, 0], wide, *none3, None, None, [0.0] * 5, None, 0.0, None,
                               torch.empty_like(wide))
     strided = torch.randn(1, 1, 2 * 5000, device=CUDA)[..., ::2]
     with pytest.raises(RuntimeError, match="only with 128-bit loads"):
-        OPS.cached_branch_out(strided, strided[:, 0], strided, None, None, None, [0.0] * 3, None, 0.0, None,
+        OPS.cached_branch_out(strided, strided[:, 0], strided, *none3, None, None, [0.0] * 5, None, 0.0, None,
                               torch.empty(1, 1, 5000, device=CUDA))
+    # beta_2 / beta_3 run in the HISTORY variants, whose blocks hold at most 768 threads: C <= 6144.
+    history_row = torch.randn(1, 1, 6400, device=CUDA)
+    with pytest.raises(RuntimeError, match="applies beta_2 / beta_3 .* to rows of C <= 6144"):
+        OPS.cached_branch_out(history_row, history_row[:, 0], history_row, history_row, history_row, None, None,
+                              None, [0.0, 0.5, 0.0, 0.5, 0.0], None, 0.0, None, torch.empty_like(history_row))
 
 
 # --- CUDA graphs ----------------------------------------------------------------------------------------

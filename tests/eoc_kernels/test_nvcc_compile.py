@@ -7,11 +7,12 @@ wheel's). About a minute on two cores. Fails on a compile or ptxas error, any sp
 stack frame, local memory), a missing kernel variant, a register count over the variant's budget, or a
 vector-path variant without 128-bit global loads and stores.
 
-"At DiT widths <= 4096" for these kernels: they are templated over dtype, load path (vector / scalar) and
-JUDGE, not over the width. A thread holds 8 elements of each operand whatever C is, and C only sets the block
-shape (threads_per_row = round_up(ceil(C / 8), 32), up to the variant's __launch_bounds__: 1024 threads, C <=
-8192, on the vector path; 512, C <= 4096, on the scalar path), so each variant compiled here is the code that
-runs at every width up to those limits, all DiT widths included.
+"At DiT widths <= 4096" for these kernels: they are templated over dtype, load path (vector / scalar), JUDGE
+and HISTORY (the K-history terms beta_2 / beta_3: both ways on the vector path, always on on the scalar path),
+not over the width. A thread holds 8 elements of each operand whatever C is, and C only sets the block shape
+(threads_per_row = round_up(ceil(C / 8), 32), up to the variant's __launch_bounds__: 1024 threads, C <= 8192,
+on the vector path; 768, C <= 6144, in its HISTORY variants; 512, C <= 4096, on the scalar path), so each
+variant compiled here is the code that runs at every width up to those limits, all DiT widths included.
 
 Without nvcc the test skips with the reason, unless EOC_REQUIRE_NVCC=1 (CI, .ci/run), which makes a missing
 nvcc a failure.
@@ -55,7 +56,7 @@ def report(tmp_path_factory):
 
 
 def describe(row):
-    return f"{row['op']} {row['arch']} {row['dtype']} {row['path']} judge={row['judge']}"
+    return f"{row['op']} {row['arch']} {row['dtype']} {row['path']} judge={row['judge']} history={row['history']}"
 
 
 def test_every_source_compiles(report):
@@ -75,15 +76,17 @@ def test_no_variant_spills(report):
 
 
 def test_registers_fit_the_launch_bounds(report):
-    over = [f"{describe(row)}: {row['registers']} registers > {nvcc_compile.REGISTER_BUDGET[row['path']]}"
-            for row in report["variants"] if row["registers"] > nvcc_compile.REGISTER_BUDGET[row["path"]]]
+    over = [f"{describe(row)}: {row['registers']} registers > {nvcc_compile.register_budget(row)}"
+            for row in report["variants"] if row["registers"] > nvcc_compile.register_budget(row)]
     assert not over, "\n".join(over)
 
 
 def test_every_variant_is_compiled_for_both_archs(report):
-    covered = {(row["op"], row["arch"], row["dtype"], row["path"], row["judge"]) for row in report["variants"]}
-    expected = {(op, arch, dtype, path, judge) for op in KERNELS for arch in ("sm_80", "sm_90")
-                for dtype in ("fp32", "fp16", "bf16") for path in ("vector", "scalar") for judge in (False, True)}
+    covered = {(row["op"], row["arch"], row["dtype"], row["path"], row["judge"], row["history"])
+               for row in report["variants"]}
+    expected = {(op, arch, dtype, path, judge, history) for op in KERNELS for arch in ("sm_80", "sm_90")
+                for dtype in ("fp32", "fp16", "bf16") for path, history in nvcc_compile.REGISTER_BUDGET
+                for judge in (False, True)}
     assert expected <= covered, sorted(expected - covered)
 
 
@@ -93,10 +96,10 @@ def test_vector_path_loads_and_stores_128_bits(report):
     narrow = [f"{describe(row)}: loads {row['loads']}, stores {row['stores']}" for row in vector
               if not (row["ldg128"] and row["stg128"])]
     assert not narrow, "\n".join(narrow)
-    # Each operand row of the vector path is read with 128-bit loads only: per branch (gate, Cc, Cp, D, E) and x,
-    # 8 elements a thread (fp32: 2 loads, fp16 / bf16: 1); the other loads are scalars (coefficients, threshold,
-    # generation).
+    # Each operand row of the vector path is read with 128-bit loads only: x, and per branch (gate, C_0, C_1, D, E)
+    # plus, with HISTORY, the history terms' C_1 (a second load site), C_2 and C_3; 8 elements a thread (fp32: 2
+    # loads, fp16 / bf16: 1); the other loads are scalars (coefficients, threshold, generation).
     for row in vector:
         per_operand = 2 if row["dtype"] == "fp32" else 1
-        operands = 1 + 5 * (2 if row["op"] == KERNELS[0] else 1)
+        operands = 1 + (5 + (3 if row["history"] else 0)) * (2 if row["op"] == KERNELS[0] else 1)
         assert row["ldg128"] == per_operand * operands, describe(row)
