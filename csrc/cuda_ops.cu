@@ -59,12 +59,14 @@
 // Occupancy. Register budgets are explicit: the vector path is compiled with __launch_bounds__(1024) and
 // __maxnreg__(64), so every block the launcher picks (up to 1024 threads at C = 8192) can launch; the
 // scalar path needs more (8 strided loads per operand, each with its own 64-bit address: ptxas spilled at
-// 64) and gets __launch_bounds__(512) and 128 registers, hence C <= 4096 there. Measured
-// (benchmarks/results/nvcc-compile-*.md, `python benchmarks/gpu/nvcc_compile.py`): vector path 54-64
-// registers, scalar path 70-128, no spill, 512 B of static shared memory (the per-warp partial sums). An SM
-// of sm_80 / sm_90 has 65536 registers, 64 warps and 32 blocks: at 64 registers it holds 32 warps (50%), at
-// 54 (allocated as 56) 36 warps; C = 1152 (5-warp blocks) gives 6 or 7 resident blocks, C = 4096 (16 warps)
-// 2, C = 256 (8 rows of one warp per block) 4. Why 256 threads per block as the target: rows of at most 256
+// 64) and gets __launch_bounds__(512) and 128 registers, hence C <= 4096 there; the vector path's HISTORY
+// variants get __launch_bounds__(768) and 80 registers (C <= 6144). Measured
+// (benchmarks/results/nvcc-compile-2026-12-01-k-history.md, `python benchmarks/gpu/nvcc_compile.py`, nvcc 13.0):
+// vector path 56-64 registers, its HISTORY variants 62-79, scalar path 76-123, no spill, 512 B of static shared
+// memory (the per-warp partial sums). An SM of sm_80 / sm_90 has 65536 registers, 64 warps and 32 blocks: at 64
+// registers it holds 32 warps (50%), at 56 36 warps, at 80 (the HISTORY segment variants, 72-79) 25; C = 1152
+// (5-warp blocks) gives 6 or 7 resident blocks (5 at 80), C = 4096 (16 warps) 2 (1 at 80), C = 256 (8 rows of
+// one warp per block) 4. Why 256 threads per block as the target: rows of at most 256
 // columns' worth of threads are stacked so that the 32-blocks-per-SM limit never binds before the
 // register limit does, while a wide row keeps one block of its own (no cross-row barrier traffic). The
 // kernels are bandwidth bound and issue one independent 16-byte load per operand and slot; whether 50%
