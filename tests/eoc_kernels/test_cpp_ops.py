@@ -30,7 +30,7 @@ from .naive import (
     splitting_threshold,
     splitting_threshold_of,
 )
-from .op_inputs import requiring_grad, small_op_inputs
+from .op_inputs import history_op_inputs, requiring_grad, small_op_inputs
 from .test_segment import TERM_CASES, check_segment_case
 
 CPP = dict(backend="cpp")
@@ -836,7 +836,8 @@ def test_opcheck(op_name, grad):
     # inputs requiring grad, also checks the backward against eager).
     gen = torch.Generator().manual_seed(30)
     op = getattr(torch.ops.eoc, op_name).default
-    for args in small_op_inputs(gen, "cpp")[op_name]:
+    # The three-coefficient cases and the K-history ones (prev2 / prev3, P = 4 and 5, rings of G = 3 and 4).
+    for args in small_op_inputs(gen, "cpp")[op_name] + history_op_inputs(gen, "cpp")[op_name]:
         torch.library.opcheck(op, requiring_grad(args) if grad else args)
 
 
