@@ -90,8 +90,9 @@ def wheel_venv(tmp_path_factory):
     # 2-core machine two spinning threads make it 4-7x slower (5 s vs 20-35 s seen).
     env["OMP_NUM_THREADS"] = "1"
 
+    # The wheel compiles eoc_kernels._C (about 70 s alone on 2 cores; several times that on a loaded machine).
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
-         env=env)
+         timeout=900, env=env)
     wheels = sorted(dist.glob("eoc_kernels-*.whl"))
     assert len(wheels) == 1, wheels
     assert _build_leftovers() == before, "building the wheel wrote into the repository"
