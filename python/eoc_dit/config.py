@@ -185,8 +185,8 @@ class EOCConfig:
         least this fraction; None switches the gain test off. Applied only when a prior is given
         (without one there is nothing to measure the gain on); the prior's statistics measure
         corrections with one non-zero coefficient, so a forecaster reading C_2 or C_3 is not gain-tested
-        under the default 0 (kept as the preset gives it) and refuses a non-zero min_gain. In mode 'calibrated' both were applied when the coefficients were
-        fitted and are not applied again.
+        under the default 0 (kept as the preset gives it) and refuses a non-zero min_gain. In mode
+        'calibrated' both were applied when the coefficients were fitted and are not applied again.
     token_threshold: online judgment inside the op — a token is corrected only if
         ||corr|| / (||C_0|| + 1e-6) > token_threshold; <= 0 corrects every token.
     backend: op backend, ``"auto"`` or a name from ``eoc_kernels.dispatch.BACKENDS``.
