@@ -42,10 +42,13 @@ fit has three parts, all on calibration pairs:
    pairs. ``refine="blend"`` instead keeps a + g·(θ − a) with g among ``gains`` (a climb over the sorted
    grid from g = 0 and the value nearest 1); ``refine=None`` keeps the fit θ as it is.
 
-What the first study on the testbed's calibration split found (benchmarks/results/calibrated-study-*.md)
-still holds: targets from the uncached forward beat targets recomputed on each branch's own (already
-wrong) input; the prior's delta, fitted alongside, explains the fitting batch but wrecks other samples,
-so the default terms are the sample's own history alone; the CFG-aware objective P adds a little.
+What the studies on the testbed's calibration split found (benchmarks/results/calibrated-study-*.md and
+calibrated-kfit-*.md): targets from the uncached forward beat targets recomputed on each branch's own
+(already wrong) input; the CFG-aware objective P adds a little; the per-entry one-step fit alone scores
+below the presets it is anchored on, and the prior's delta, fitted per entry at gain 1, wrecks samples
+beyond the fitting batch; but moved along by the trajectory refinement, the fitted prior terms of the
+first interval (where only C_0 exists and every preset is plain reuse) are the largest gain at FORA
+N ≥ 4, so the default terms are all three.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from .prior_terms import DELTA, TREND
 from .schedules import Schedule
 
 TERMS = ("delta", "extrapolate", "trend")  # α, β₁..β_K (the sample's own history), γ
-DEFAULT_TERMS = ("extrapolate",)
+DEFAULT_TERMS = TERMS
 MAX_ORDER = 3  # K: history differences C_{i-1} − C_i per entry, i = 1..3
 NUM_COEFS = 5  # (α, β₁, γ, β₂, β₃)
 BETA_SLOTS = (1, 3, 4)  # the slots of β₁, β₂, β₃ in the coefficient vector
@@ -89,6 +92,8 @@ ANCHOR_FINALISTS = 3  # presets scored on every tune pair after a first round on
 REFINEMENTS = ("gauss-newton", "blend", None)
 REFINE_STEP = 0.5  # the finite-difference step of each refinement direction's weight
 REFINE_ITERATIONS = 2
+REFINE_DAMPING = 1e-3  # Marquardt's λ, relative to the diagonal of JᵀJ
+REFINE_MAX_MOVE = 3.0  # the largest change of one weight per step
 
 
 def default_anchors(terms) -> tuple[EOCConfig | None, ...]:
@@ -520,10 +525,13 @@ def refinement_directions(mask: torch.Tensor, anchor: torch.Tensor, fitted: torc
 def _gauss_newton(tune: _TuneSet, evaluate, base: str, directions, step: float, iterations: int, group):
     """Gauss-Newton on the trajectory: the weights φ of ``directions`` that bring the tune pairs' final
     samples closest to the uncached ones in least squares, from φ = 0 (the candidate ``base``, already
-    scored). The Jacobian is one finite difference of ``step`` per direction; each iteration solves the
-    damped normal equations for the residuals at the current point and keeps the step (or half of it)
-    only where the pooled score rises. ``evaluate(name, φ)`` samples φ into ``tune`` and returns its
-    score. Returns (φ, {name: score} of every point tried)."""
+    scored). The Jacobian is one finite difference of ``step`` per direction, kept for every iteration;
+    each iteration solves the Levenberg-Marquardt normal equations for the residuals at the current point
+    (no weight moving by more than ``REFINE_MAX_MOVE``) and keeps the step only where the pooled score
+    rises on the tune pairs and on each half of them (alternate pairs), else tries once more 100 times
+    more damped, else stops. ``evaluate(name, φ)`` samples φ into
+    ``tune`` and returns its score. Returns (φ, {name: score} of every point tried, the name of the point
+    kept)."""
     p = len(directions)
     scores = {base: _score_db(torch.cat(tune.errors[base]), tune.elements)}
     for i, (name, _) in enumerate(directions):
@@ -537,21 +545,40 @@ def _gauss_newton(tune: _TuneSet, evaluate, base: str, directions, step: float, 
     at_base = rows(base)
     jacobian = torch.stack([(rows(f"fd {name}") - at_base) / step for name, _ in directions], dim=1)  # [b, p, n]
     gram = _per_sample_rows([torch.mm(j, j.t()) for j in jacobian], group, "the Jacobian").sum(0)  # [p, p]
-    damping = 1e-3 * gram.diagonal().mean().clamp(min=1e-30) * torch.eye(p, dtype=torch.float64)
     phi, best, residual = torch.zeros(p, dtype=torch.float64), scores[base], at_base
+    kept = base
+    if not float(gram.diagonal().max()) > 0:  # no direction changes the samples
+        return phi, scores, kept
+
+    def halves(name):  # the pooled score of each half of the tune pairs (alternate pairs)
+        errors = torch.cat(tune.errors[name])
+        return [_score_db(errors[h::2], tune.elements) for h in range(2)] if errors.shape[0] > 1 else [0.0, 0.0]
+
+    best_halves = halves(base)
+    damping = REFINE_DAMPING
     for iteration in range(iterations):
         rhs = _per_sample_rows([torch.mv(j, r) for j, r in zip(jacobian, residual)], group, "the gradient").sum(0)
-        move = -torch.linalg.solve(gram + damping, rhs)
-        for fraction in (1.0, 0.5):
-            name = f"gauss-newton {iteration + 1}" + ("" if fraction == 1.0 else " (half step)")
-            candidate = phi + fraction * move
+        accepted = False
+        for attempt in range(2):  # Levenberg-Marquardt: a failed step is retried 100 times more damped
+            system = gram + damping * torch.diag(gram.diagonal().clamp(min=1e-30 * float(gram.diagonal().max())))
+            move = -torch.linalg.solve(system, rhs)
+            largest = float(move.abs().max())
+            if largest > REFINE_MAX_MOVE:  # beyond the reach of the finite differences: a trust region
+                move = move * (REFINE_MAX_MOVE / largest)
+            name = f"gauss-newton {iteration + 1}" + ("" if attempt == 0 else " (damped)")
+            candidate = phi + move
             scores[name] = evaluate(name, candidate)
-            if scores[name] > best:
-                phi, best, residual = candidate, scores[name], rows(name)
+            # Kept only where the score rises on all the tune pairs and on each half of them: a step that
+            # some samples alone favour is not taken.
+            if scores[name] > best and all(h > b for h, b in zip(halves(name), best_halves)):
+                phi, best, residual, accepted, kept = candidate, scores[name], rows(name), True, name
+                best_halves = halves(name)
+                damping = max(damping / 10, REFINE_DAMPING)
                 break
-        else:
+            damping *= 100
+        if not accepted:
             break
-    return phi, scores
+    return phi, scores, kept
 
 
 def _climb(grid: list[float], score, start: list[float]) -> float:
@@ -742,10 +769,11 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
                 coef += w * direction
             return coef
 
-        phi = torch.zeros(len(directions), dtype=torch.float64)
+        phi, refine_point = torch.zeros(len(directions), dtype=torch.float64), base_name
         if directions:
-            phi, refine_scores = _gauss_newton(tune, lambda name, w: tune.score(name, coef_patch(at(w)), everything),
-                                               base_name, directions, REFINE_STEP, REFINE_ITERATIONS, group)
+            phi, refine_scores, refine_point = _gauss_newton(
+                tune, lambda name, w: tune.score(name, coef_patch(at(w)), everything), base_name, directions,
+                REFINE_STEP, REFINE_ITERATIONS, group)
         refined = {name: float(w) for (name, _), w in zip(directions, phi)}
         gain = refined.get("fit", 0.0)
         coef = at(phi) if bool((phi != 0).any()) else anchor_coef.clone()
@@ -784,4 +812,5 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     if refined is not None:
         info["refine_weights"] = refined  # φ per direction: coef = anchor + Σ φ·direction
         info["tune_score_db"] = refine_scores  # every point tried; the anchor's name is φ = 0
+        info["refine_point"] = refine_point  # the point kept
     return CoefficientFit(mask, coef, info)

@@ -36,7 +36,7 @@ def fitted(model):
     prior = calibrate(model, sampler, [0, 1], [1, 2, 3], cfg_scale=2.0, max_gap=2, holdout=0.34,
                       batch_size=3, progress=False)
     prior.add_fit(fit_coefficients(model, sampler, FORASchedule(2), prior, [0, 1], [4], gains=(1.0,),
-                                   progress=False))
+                                   terms=("extrapolate",), progress=False))
     return prior
 
 
