@@ -668,11 +668,12 @@ def test_fits_of_every_width_round_trip(prior, tmp_path, num_coefs):
     assert torch.equal(loaded.mask, copy.fits[0].mask) and loaded.info == copy.fits[0].info
 
 
-def test_the_shipped_three_term_fits_load_unchanged():
+def test_the_shipped_k_history_fits_load():
     from eoc_dit.testbed import load_prior
 
     shipped = load_prior(20)
-    assert shipped.fits and all(fit.coef.shape[-1] == 3 for fit in shipped.fits)
+    assert len(shipped.fits) == 6 and all(fit.coef.shape[-1] == 5 for fit in shipped.fits)
+    assert all(bool((fit.coef[..., 4] != 0).any()) for fit in shipped.fits)  # each fit uses β₃ somewhere
 
 
 def test_fit_width_is_validated_on_load_and_add(prior, tmp_path):

@@ -209,7 +209,7 @@ class FakeSampling:
 
 
 METHODS = ["plain", "extrapolate:1", "calibrated"]
-SCHEDULES = [FORASchedule(2), FORASchedule(6)]  # the shipped prior has a fit for N=2, none for N=6
+SCHEDULES = [FORASchedule(2), FORASchedule(7)]  # the shipped prior has a fit for N=2, none for N=7
 
 
 def _sweep(out, monkeypatch, fake, samples=4, **kwargs):
@@ -229,14 +229,14 @@ def test_a_killed_sweep_resumes_without_sampling_its_finished_rows(tmp_path, mon
 
     second = FakeSampling()
     rows, notes, kept = _sweep(tmp_path, monkeypatch, second, resume=True)
-    # Only what had not finished is sampled: fora:2 calibrated and fora:6 plain / extrapolate (no fit for N=6).
-    assert second.calls == [("fora:2", ("calibrated", None)), ("fora:6", None), ("fora:6", ("extrapolate", 1.0))]
-    assert len(notes) == 1 and "calibrated skipped under fora:6" in notes[0]
+    # Only what had not finished is sampled: fora:2 calibrated and fora:7 plain / extrapolate (no fit for N=7).
+    assert second.calls == [("fora:2", ("calibrated", None)), ("fora:7", None), ("fora:7", ("extrapolate", 1.0))]
+    assert len(notes) == 1 and "calibrated skipped under fora:7" in notes[0]
     assert (tmp_path / "results.csv").read_text().splitlines()[:len(lines)] == lines  # earlier rows untouched
     assert [r["session"] for r in rows] == [1, 1, 1, 2, 2, 2]
     # For the grid: the uncached samples (read back from uncached.npy) and those of the rows sampled now.
-    assert set(kept) == {("none", "uncached"), ("fora:2", "calibrated"), ("fora:6", "plain"),
-                         ("fora:6", "extrapolate:1")}
+    assert set(kept) == {("none", "uncached"), ("fora:2", "calibrated"), ("fora:7", "plain"),
+                         ("fora:7", "extrapolate:1")}
     assert torch.equal(kept["none", "uncached"], torch.tanh(demo.evaluation_set(testbed.load_model(), 4, 2)[0]))
     uncached = rows[0]["seconds"]
     assert all(r["speedup"] == pytest.approx(uncached / r["seconds"]) for r in rows)
@@ -357,7 +357,7 @@ def test_sweep_grid_uses_the_samples_the_sweep_kept(monkeypatch):
                      "|FORA N=2 + calibrated − uncached| ×4"]
     assert classes == ["T-shirt/top", "Trouser", "Pullover"]
     assert torch.equal(rows[0], images["none", "uncached"]) and torch.equal(rows[2], images["fora:2", "calibrated"])
-    # Without a shipped fit for N=6, the grid shows no calibrated row (and samples what it was not given).
+    # Without a shipped fit for N=7, the grid shows no calibrated row (and samples what it was not given).
     monkeypatch.setattr(DDIMSampler, "sample", lambda self, model, noise, labels, **kw: torch.tanh(noise))
-    _, names, _ = demo.sweep_grid(6, methods, shown=2)
-    assert names == ["uncached", "FORA N=6", "|FORA N=6 − uncached| ×4"]
+    _, names, _ = demo.sweep_grid(7, methods, shown=2)
+    assert names == ["uncached", "FORA N=7", "|FORA N=7 − uncached| ×4"]
