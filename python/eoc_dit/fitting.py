@@ -36,11 +36,12 @@ fit has three parts, all on calibration pairs:
    (``refinement_directions``: the anchor's own correction in each phase of the run, by how many computes
    precede the entry, and the fit's difference θ − a), with φ fitted on the trajectory: Gauss-Newton on
    the tune pairs' final samples against their uncached ones (one finite difference per direction for
-   the Jacobian, the damped normal equations over every pixel of every tune sample, a step kept only
-   where the pooled trajectory score rises). φ = 0 is the anchor itself and is kept unless a step
-   scores higher, so the fit never scores below its anchor, hence below the best preset, on the tune
-   pairs. ``refine="blend"`` instead keeps a + g·(θ − a) with g among ``gains`` (a climb over the sorted
-   grid from g = 0 and the value nearest 1); ``refine=None`` keeps the fit θ as it is.
+   the Jacobian, Levenberg-Marquardt steps over every pixel of every tune sample, a step kept only where
+   the pooled trajectory score rises on the tune pairs and on each half of them). φ = 0 is the anchor
+   itself and is kept unless a step scores higher, so the fit never scores below its anchor, hence below
+   the best preset it was chosen among, on the tune pairs. ``refine="blend"`` instead keeps
+   a + g·(θ − a) with g among ``gains`` (a climb over the sorted grid from g = 0 and the value nearest 1);
+   ``refine=None`` keeps the fit θ as it is.
 
 What the studies on the testbed's calibration split found (benchmarks/results/calibrated-study-*.md and
 calibrated-kfit-*.md): targets from the uncached forward beat targets recomputed on each branch's own
@@ -98,7 +99,8 @@ REFINE_MAX_MOVE = 3.0  # the largest change of one weight per step
 
 def default_anchors(terms) -> tuple[EOCConfig | None, ...]:
     """``DEFAULT_ANCHORS`` whose prior term (trend: "trend", delta: "delta") is among ``terms``: a fit of the
-    sample's own history alone (the default terms) reads no means of the prior, its anchor neither."""
+    sample's own history alone (``terms=("extrapolate",)``) reads no means of the prior, its anchor neither
+    (what a prior stored as coefficients only needs)."""
     return tuple(c for c in DEFAULT_ANCHORS if c is None or c.mode not in PRIOR_SLOTS or c.mode in terms)
 
 
@@ -267,8 +269,6 @@ class _ClosedLoopFitter:
             return theta
 
         def heldout(model):
-            if model is None:
-                return None
             if len(folds) == 1:
                 return _error(*split(sums), fitted(sums, model))
             return sum(_error(*split(folds[1 - f]), fitted(folds[f], model)) for f in range(2))
@@ -292,7 +292,7 @@ class _ClosedLoopFitter:
             self.heldout["chosen"] += plain_error
             return JUDGED, coef
         self.heldout["chosen"] += scores[best][0]
-        error, theta, model = scores[best]
+        _, theta, model = scores[best]
         if model is not None:
             theta = fitted(sums, model)
         for slot, value in zip(slots, theta.tolist()):
@@ -393,11 +393,6 @@ def _pairs_batch(model, pairs, device, sampler=None, group=None):
     pairs = distributed.shard(pairs, group)
     noise = torch.cat([seed_noise(model, sampler, seed) for _, seed in pairs]).to(device)
     return noise, torch.tensor([label for label, _ in pairs], device=device)
-
-
-def _batch(model, labels, seeds, device, sampler=None, group=None):
-    """(noise, labels) of this rank's share of the pairs labels × seeds (all of them in one process)."""
-    return _pairs_batch(model, [(label, seed) for label in labels for seed in seeds], device, sampler, group)
 
 
 def _residuals(samples: torch.Tensor, uncached: torch.Tensor, clamp) -> torch.Tensor:
@@ -529,9 +524,8 @@ def _gauss_newton(tune: _TuneSet, evaluate, base: str, directions, step: float, 
     each iteration solves the Levenberg-Marquardt normal equations for the residuals at the current point
     (no weight moving by more than ``REFINE_MAX_MOVE``) and keeps the step only where the pooled score
     rises on the tune pairs and on each half of them (alternate pairs), else tries once more 100 times
-    more damped, else stops. ``evaluate(name, φ)`` samples φ into
-    ``tune`` and returns its score. Returns (φ, {name: score} of every point tried, the name of the point
-    kept)."""
+    more damped, else stops. ``evaluate(name, φ)`` samples φ into ``tune`` and returns its score.
+    Returns (φ, {name: score} of every point tried, the name of the point kept)."""
     p = len(directions)
     scores = {base: _score_db(torch.cat(tune.errors[base]), tune.elements)}
     for i, (name, _) in enumerate(directions):
@@ -552,7 +546,7 @@ def _gauss_newton(tune: _TuneSet, evaluate, base: str, directions, step: float, 
 
     def halves(name):  # the pooled score of each half of the tune pairs (alternate pairs)
         errors = torch.cat(tune.errors[name])
-        return [_score_db(errors[h::2], tune.elements) for h in range(2)] if errors.shape[0] > 1 else [0.0, 0.0]
+        return [_score_db(errors[h::2], tune.elements) for h in range(2)] if errors.shape[0] > 1 else []
 
     best_halves = halves(base)
     damping = REFINE_DAMPING
