@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, InputValueError
-from .fitting import DEFAULT_GAINS, DEFAULT_TERMS
+from .fitting import DEFAULT_GAINS, DEFAULT_TERMS, REFINE_ITERATIONS
 from .sweep import METHOD_HELP
 
 SCHEDULE_HELP = ("'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps), "
@@ -240,7 +240,8 @@ def cmd_fit(args) -> None:
         fit = fit_coefficients(model, sampler, schedule, prior, labels, seeds, terms=tuple(args.terms),
                                ridge=args.ridge, gains=args.gains, tune_seeds=tune_seeds,
                                tune_clamp=tuple(args.tune_clamp) if args.tune_clamp else None, progress=True,
-                               anchors=anchors, max_order=args.max_order, refine=refine)
+                               anchors=anchors, max_order=args.max_order, refine=refine,
+                               refine_split=args.refine_split, refine_iterations=args.refine_iterations)
         prior.add_fit(fit)
         info = fit.info
         print(f"fitted {schedule} ({', '.join(args.terms)}, anchor {info['anchor']}, refine {args.refine}, "
@@ -554,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", choices=("gauss-newton", "blend", "none"), default="gauss-newton",
                    help="trajectory refinement from the anchor on the tune pairs: gauss-newton (default), blend "
                         "(anchor + g * (fit - anchor), g among --gains) or none (the fit as it is)")
+    p.add_argument("--refine-split", choices=("phase", "phase-block", "phase-block-branch"), default="phase",
+                   help="gauss-newton's directions: the anchor scaled per phase of the run (phase, default), per "
+                        "phase and block (phase-block) or per phase, block and branch (phase-block-branch)")
+    p.add_argument("--refine-iterations", type=int, default=REFINE_ITERATIONS,
+                   help=f"gauss-newton's steps at most (default {REFINE_ITERATIONS}; one tune trajectory each)")
     p.add_argument("--ridge", type=float, default=1e-3,
                    help="relative ridge of the least-squares fit toward the anchor (default 1e-3)")
     p.add_argument("--gains", type=float, nargs="+", default=list(DEFAULT_GAINS),

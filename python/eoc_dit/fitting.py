@@ -91,6 +91,8 @@ DEFAULT_ANCHORS = (None,
 JUDGED = "plain (judged)"  # the model of an entry the offline judgment turns off
 ANCHOR_FINALISTS = 3  # presets scored on every tune pair after a first round on a quarter of them
 REFINEMENTS = ("gauss-newton", "blend", None)
+BRANCH_NAMES = ("attn", "mlp")
+REFINE_SPLITS = ("phase", "phase-block", "phase-block-branch")  # the refinement's directions (refinement_directions)
 REFINE_STEP = 0.5  # the finite-difference step of each refinement direction's weight
 REFINE_ITERATIONS = 2
 REFINE_DAMPING = 1e-3  # Marquardt's λ, relative to the diagonal of JᵀJ
@@ -495,23 +497,38 @@ def _computes_before(mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(counts[:1]), counts[:-1]])
 
 
-def refinement_directions(mask: torch.Tensor, anchor: torch.Tensor, fitted: torch.Tensor):
+def refinement_directions(mask: torch.Tensor, anchor: torch.Tensor, fitted: torch.Tensor, split: str = "phase"):
     """[(name, direction [T, L, 2, 5] fp64)] the trajectory refinement moves the coefficients along, from
     the anchor a: a itself on the reuse entries with 1, 2, 3 and 4 or more computes before them
     ("anchor@n": scaling the preset per phase of the run), or, where a is zero there, the fit's θ; and
-    θ − a on every entry ("fit"). Directions that are zero are left out."""
+    θ − a on every entry ("fit"). ``split="phase-block"`` splits each phase's direction further by block
+    ("anchor@n/b3": phase n of block 3; the phase directions are their sums), a gain per phase and block;
+    ``"phase-block-branch"`` further by branch ("anchor@n/b3.mlp"; branch 0 "attn", 1 "mlp").
+    Directions that are zero are left out."""
+    if split not in REFINE_SPLITS:
+        raise InputValueError(f"refine_split must be one of {REFINE_SPLITS}, got {split!r}")
     computes = _computes_before(mask).clamp(max=4)
     reuse = ~mask
+    blocks = [None] if split == "phase" else list(range(mask.shape[1]))
+    branches = [None] if split != "phase-block-branch" else [0, 1]
     directions = []
     for n in range(1, 5):
-        where = (reuse & (computes == n)).unsqueeze(-1)
-        if not bool(where.any()):
-            continue
         label = f"{n}+" if n == 4 else f"{n}"
-        if bool((anchor * where != 0).any()):
-            directions.append((f"anchor@{label}", anchor * where))
-        elif bool((fitted * where != 0).any()):
-            directions.append((f"fit@{label}", fitted * where))
+        for block, branch in itertools.product(blocks, branches):
+            where = reuse & (computes == n)
+            if block is not None:
+                where = where & (torch.arange(mask.shape[1]) == block).view(1, -1, 1)
+            if branch is not None:
+                where = where & (torch.arange(2) == branch).view(1, 1, -1)
+            where = where.unsqueeze(-1)
+            if not bool(where.any()):
+                continue
+            name = label if block is None else f"{label}/b{block}"
+            name = name if branch is None else f"{name}.{BRANCH_NAMES[branch]}"
+            if bool((anchor * where != 0).any()):
+                directions.append((f"anchor@{name}", anchor * where))
+            elif bool((fitted * where != 0).any()):
+                directions.append((f"fit@{name}", fitted * where))
     if bool((fitted != anchor).any()) and any(name.startswith("anchor@") for name, _ in directions):
         directions.append(("fit", fitted - anchor))
     return directions
@@ -595,7 +612,8 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
                      judge_threshold: float = 0.0, min_gain: float | None = 0.0, guided: bool = True,
                      gains=DEFAULT_GAINS, tune_seeds=None, tune_clamp: tuple[float, float] | None = None,
                      progress: bool = True, adapter=None, group=None, anchors=None,
-                     max_order: int = MAX_ORDER, refine: str | None = "gauss-newton") -> CoefficientFit:
+                     max_order: int = MAX_ORDER, refine: str | None = "gauss-newton",
+                     refine_split: str = "phase", refine_iterations: int = REFINE_ITERATIONS) -> CoefficientFit:
     """Fit the coefficients (α, β₁, γ, β₂, β₃) of every reuse entry of ``schedule``: the best fixed preset
     as anchor, per-entry models chosen on held-out pairs in closed loop, and a refinement from the anchor
     fitted on the trajectory (module docstring). The closed loop samples the (label, seed) pairs as
@@ -615,7 +633,11 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
         ``default_anchors(terms)``: plain, extrapolate θ ∈ {0.8, 1, 1.2}, TaylorSeer and HiCache of order
         1..3, and trend / delta where ``terms`` has them (so the default fit reads no prior means).
     refine: "gauss-newton" (default), "blend" or None: the trajectory refinement from the anchor (module
-        docstring, part 3). gains: the candidate blends g of ``refine="blend"`` (coefficients a + g·(θ − a);
+        docstring, part 3); ``refine_split`` its directions (``refinement_directions``): "phase" (the
+        anchor scaled per phase of the run), "phase-block" (per phase and block) or "phase-block-branch" (per
+        phase, block and branch), ``refine_iterations`` its Levenberg-Marquardt steps at most (one
+        trajectory of the tune pairs each; the Jacobian, one trajectory per direction, is computed once).
+        gains: the candidate blends g of ``refine="blend"`` (coefficients a + g·(θ − a);
         0, the anchor, is always one; a single value is used as given, without tuning).
     tune_seeds: the pairs (label, ``tune_seeds``) that choose the anchor and the refinement are sampled
         uncached and under the schedule with each candidate; the candidate whose samples are closest to
@@ -649,6 +671,10 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     anchors = _check_anchors(default_anchors(terms) if anchors is None else anchors)
     if refine not in REFINEMENTS:
         raise InputValueError(f"refine must be one of {REFINEMENTS}, got {refine!r}")
+    if refine_split not in REFINE_SPLITS:
+        raise InputValueError(f"refine_split must be one of {REFINE_SPLITS}, got {refine_split!r}")
+    if isinstance(refine_iterations, bool) or not isinstance(refine_iterations, int) or refine_iterations < 1:
+        raise InputValueError(f"refine_iterations must be an int >= 1, got {refine_iterations!r}")
     _check_number("judge_threshold", judge_threshold, minimum=0)
     _check_number("min_gain", min_gain, optional=True)
     if tune_clamp is not None:
@@ -754,7 +780,7 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     if refine == "blend":
         coef = blended(anchor_coef, fitter.coef, gain)
     elif refine == "gauss-newton":
-        directions = refinement_directions(mask, anchor_coef, fitter.coef)
+        directions = refinement_directions(mask, anchor_coef, fitter.coef, refine_split)
         tune.score(base_name, base_patch, everything)  # the base point, φ = 0
 
         def at(phi):
@@ -767,7 +793,7 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
         if directions:
             phi, refine_scores, refine_point = _gauss_newton(
                 tune, lambda name, w: tune.score(name, coef_patch(at(w)), everything), base_name, directions,
-                REFINE_STEP, REFINE_ITERATIONS, group)
+                REFINE_STEP, refine_iterations, group)
         refined = {name: float(w) for (name, _), w in zip(directions, phi)}
         gain = refined.get("fit", 0.0)
         coef = at(phi) if bool((phi != 0).any()) else anchor_coef.clone()
@@ -790,7 +816,9 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
             "selection": "per entry, lowest error on held-out pairs (2 folds by pair index parity)",
             "anchor": anchor_name, "models": dict(sorted(models.items())), "orders": dict(sorted(orders.items())),
             "heldout_error": {k: float(v) for k, v in fitter.heldout.items()},
-            "refine": refine, "gain": gain, "corrected_entries": int((coef != 0).any(-1).sum()),
+            "refine": refine, "refine_split": refine_split if refine == "gauss-newton" else None,
+            "refine_iterations": refine_iterations if refine == "gauss-newton" else None, "gain": gain,
+            "corrected_entries": int((coef != 0).any(-1).sum()),
             "reuse_entries": int((~mask).sum()),
             "wall_time_s": round(time.perf_counter() - start, 2)}
     info["phase_s"] = {k: round(v, 2) for k, v in phases.items()}

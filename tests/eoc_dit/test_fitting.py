@@ -3,6 +3,7 @@ solver on synthetic features (model selection on held-out pairs), the anchor, th
 and the closed loop on a tiny DiT."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from eoc_dit.fitting import (
     default_anchors,
     preset_coefficients,
     preset_name,
+    refinement_directions,
     trajectory_score_db,
 )
 from eoc_dit.prior import CoefficientFit
@@ -292,7 +294,9 @@ def test_bad_arguments(model, prior):
         with pytest.raises(error, match="anchors"):
             fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], anchors=anchors)
     for kwargs in [dict(judge_threshold=-0.1), dict(judge_threshold=None), dict(min_gain=float("nan")),
-                   dict(min_gain="0"), dict(max_order=4), dict(max_order=1.0), dict(refine="adam")]:
+                   dict(min_gain="0"), dict(max_order=4), dict(max_order=1.0), dict(refine="adam"),
+                   dict(refine_split="block"), dict(refine_split=None), dict(refine_iterations=0),
+                   dict(refine_iterations=2.0), dict(refine_iterations=True)]:
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             fit_coefficients(model, sampler, FORASchedule(3), prior, [1], [2], **kwargs)
     for clamp in [(1.0, -1.0), (0.0,), 5.0, (0.0, float("inf"))]:
@@ -367,3 +371,71 @@ def test_apply_eoc_defaults_to_calibrated_with_a_prior(model, prior, batch):
         apply_eoc(model, FORASchedule(2), fitted)
     with apply_eoc(model, FORASchedule(3)) as handle:  # no prior: plain caching
         assert handle.config is None
+
+
+@pytest.mark.parametrize("split, iterations", [("phase", 2), ("phase-block-branch", 3)])
+def test_refinement_takes_steps_with_a_single_tune_pair(model, prior, split, iterations):
+    # One tune pair has no halves to check: the step is judged on the pair alone (it was refused every time).
+    schedule = FORASchedule(3)
+    fit = fit_coefficients(model, DDIMSampler(STEPS), schedule, prior, [1], SEEDS, tune_seeds=[30], progress=False,
+                           refine_split=split, refine_iterations=iterations)
+    info = fit.info
+    assert info["tune_samples"] == 1 and info["refine_point"].startswith("gauss-newton")
+    assert info["refine_split"] == split and info["refine_iterations"] == iterations
+    steps = [int(name.split()[1]) for name in info["tune_score_db"] if name.startswith("gauss-newton")]
+    assert steps and max(steps) <= iterations
+    pattern = r"(anchor|fit)@(1|2|3|4\+)" + ("" if split == "phase" else r"/b\d+\.(attn|mlp)")
+    assert all(re.fullmatch(pattern, name) for name in info["refine_weights"] if name != "fit")
+    tried = info["tune_score_db"]
+    assert tried[info["refine_point"]] > tried[info["anchor"]]
+    tune = pairs_batch(model, [1], [30])
+    fitted = Prior(prior.mean, prior.stats, prior.metadata, fits=[fit])
+    score = trajectory_score_db(sample(model, tune, schedule, fitted, EOCConfig(mode="calibrated")),
+                                sample(model, tune))
+    assert score == pytest.approx(tried[info["refine_point"]], abs=1e-4)
+
+
+@pytest.mark.parametrize("split", ["phase-block", "phase-block-branch"])
+@pytest.mark.parametrize("interval", [2, 3, 5])
+def test_refinement_directions_split_by_block_and_branch_sum_to_the_phase_directions(interval, split):
+    steps, blocks = 14, 3
+    mask = FORASchedule(interval).mask(steps, blocks)
+    mask[interval + 1, 2, 1] = True  # one branch computing alone: its phases shift against its sibling's
+    gen = torch.Generator().manual_seed(interval)
+    anchor = torch.randn(steps, blocks, 2, 5, generator=gen, dtype=torch.float64) * ~mask.unsqueeze(-1)
+    anchor[:, 1, :, :] = 0  # block 1 has no anchor correction: its directions come from the fit
+    computes = torch.cumsum(mask.long(), dim=0) - mask.long()  # computes before each step, per column
+    anchor[computes == 1] = 0  # one compute before: the anchor is plain reuse (as every history preset)
+    fitted = torch.randn(steps, blocks, 2, 5, generator=gen, dtype=torch.float64) * ~mask.unsqueeze(-1)
+    by_phase = dict(refinement_directions(mask, anchor, fitted))
+    by_split = dict(refinement_directions(mask, anchor, fitted, split))
+    assert list(by_phase)[-1] == list(by_split)[-1] == "fit" and torch.equal(by_split["fit"], fitted - anchor)
+    branches = {"attn": 0, "mlp": 1}
+    for name, direction in by_split.items():
+        if name == "fit":
+            continue
+        kind, place = name.split("@")
+        phase, where_name = place.split("/b")
+        block, _, branch = where_name.partition(".")
+        assert (branch != "") == (split == "phase-block-branch")
+        n = 4 if phase == "4+" else int(phase)
+        where = ~mask & (computes.clamp(max=4) == n)
+        where[:, [b for b in range(blocks) if b != int(block)]] = False
+        if branch:
+            where[:, :, 1 - branches[branch]] = False
+        source = anchor if kind == "anchor" else fitted
+        assert torch.equal(direction, source * where.unsqueeze(-1)) and bool((direction != 0).any())
+        assert (kind == "fit") == (int(block) == 1 or n == 1)
+    count = sum(1 for name in by_split if name != "fit")
+    assert count == len({(p, b) for p in range(1, 5) for b in range(blocks) for k in range(2)
+                         if bool((~mask & (computes.clamp(max=4) == p))[:, b, k].any())}
+                        if split == "phase-block" else
+                        {(p, b, k) for p in range(1, 5) for b in range(blocks) for k in range(2)
+                         if bool((~mask & (computes.clamp(max=4) == p))[:, b, k].any())})
+    # Each phase direction is the sum of its parts of the same kind (block 1's anchor part is zero).
+    for name, direction in by_phase.items():
+        if name != "fit":
+            parts = [d for n, d in by_split.items() if n.split("/")[0] == name]
+            assert parts and torch.allclose(sum(parts), direction, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="refine_split"):
+        refinement_directions(mask, anchor, fitted, "block")
