@@ -461,7 +461,8 @@ def plot_quality_vs_speed(rows_or_csv, png_path: str | os.PathLike | None = None
     the method's colour. ``rows_or_csv``: rows (``read_rows``) or a results CSV's path. Writes a PNG to
     ``png_path`` when given; returns the ``matplotlib.figure.Figure`` (Agg canvas, no pyplot state):
     its one axes holds one line per method with a FORA N point and one marker series per method with a
-    warm-up point."""
+    warm-up point. Schedules of equal compute share an x (FORA N = 5 and 6 of 20 steps): the line runs
+    through them from the larger N up and the top axis names them in one tick."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -481,7 +482,9 @@ def plot_quality_vs_speed(rows_or_csv, png_path: str | os.PathLike | None = None
 
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
-        fora = sorted((r for r in mine if warmup(r) == 0), key=lambda r: r["full_fraction"])
+        # Along x; schedules of equal compute (N = 5 and 6 of 20 steps both compute 4) from the larger N up.
+        fora = sorted((r for r in mine if warmup(r) == 0),
+                      key=lambda r: (r["full_fraction"], -_schedule_order(r["schedule"])[0]))
         style = styles[method]
         if fora:
             ax.plot([r["full_fraction"] for r in fora], [r["psnr"] for r in fora], marker="o", markersize=4,
@@ -499,9 +502,12 @@ def plot_quality_vs_speed(rows_or_csv, png_path: str | os.PathLike | None = None
         labels.append("warm-up schedule: " + ", ".join(schedule_label(key) for key, _ in shown))
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     fora_points = sorted({(_schedule_order(r["schedule"])[0], r["full_fraction"]) for r in rows if warmup(r) == 0})
-    if fora_points:  # the FORA interval of each x position, on the top axis
+    if fora_points:  # the FORA intervals of each x position, on the top axis (one tick, "N=5, 6", where they share it)
+        at = {}
+        for n, x in fora_points:
+            at.setdefault(x, []).append(str(n))
         top = ax.secondary_xaxis("top")
-        top.set_xticks([x for _, x in fora_points], labels=[f"N={n}" for n, _ in fora_points])
+        top.set_xticks(list(at), labels=[f"N={', '.join(ns)}" for ns in at.values()])
         top.tick_params(labelsize=8)
     ax.set_xlabel("fraction of full steps (computed block-steps / total; left = faster)")
     ax.set_ylabel("pooled PSNR vs uncached (dB)")

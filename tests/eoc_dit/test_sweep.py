@@ -319,6 +319,20 @@ def test_figure_one_line_per_method_and_warmup_markers(tmp_path):
     assert (width, height) == tuple(int(round(v)) for v in fig.get_size_inches() * fig.dpi)
 
 
+def test_figure_schedules_of_equal_compute_share_one_tick_and_the_line_runs_from_the_larger_n(tmp_path):
+    # FORA N = 5 and N = 6 of 20 steps both compute 4 steps: same x, one top tick naming both.
+    rows = [_row(f"fora:{n}", "plain", 30.0 - n, full_fraction=fraction)
+            for n, fraction in ((6, 0.2), (4, 0.25), (5, 0.2))]
+    fig = sweep.plot_quality_vs_speed(rows)
+    ax = fig.axes[0]
+    (line,) = ax.get_lines()
+    assert [float(x) for x in line.get_xdata()] == [0.2, 0.2, 0.25]
+    assert [float(y) for y in line.get_ydata()] == [24.0, 25.0, 26.0]  # N = 6, 5, 4
+    top = next(child for child in ax.get_children() if type(child).__name__ == "SecondaryAxis")
+    ticks = {float(x): t.get_text() for x, t in zip(top.get_xticks(), top.get_xticklabels())}
+    assert ticks == {0.2: "N=5, 6", 0.25: "N=4"}
+
+
 def test_evaluate_replot_rewrites_table_and_figure_without_sampling(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "run_sweep", _never_called)
     monkeypatch.setattr(demo, "sample_method", _never_called)
