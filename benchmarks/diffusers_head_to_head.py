@@ -117,6 +117,9 @@ def main(argv=None) -> None:
     parser.add_argument("--terms", default="extrapolate",
                         help="EOC calibrated: candidate term sets, ';'-separated, each ','-separated "
                              "(e.g. 'extrapolate;extrapolate,delta'); chosen per level on the tuning seeds")
+    parser.add_argument("--refine-split", default="phase", choices=("phase", "phase-block", "phase-block-branch"),
+                        help="EOC calibrated: the fit's refinement directions (fit_coefficients' refine_split)")
+    parser.add_argument("--refine-iterations", type=int, default=2, help="EOC calibrated: refinement steps at most")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -202,11 +205,13 @@ def main(argv=None) -> None:
         # tuning seeds (calibration data, never the evaluation seeds) is kept.
         fits = [fit_coefficients(transformer, sampler, MaskSchedule(mask_for(steps, num_blocks)), prior,
                                  labels=list(range(10)), seeds=[1000, 1001], tune_seeds=[2000, 2001],
-                                 tune_clamp=(0.0, 1.0), terms=terms, progress=False) for terms in term_sets]
+                                 tune_clamp=(0.0, 1.0), terms=terms, progress=False, refine_split=args.refine_split,
+                                 refine_iterations=args.refine_iterations) for terms in term_sets]
         fit = max(fits, key=lambda f: max(f.info["tune_score_db"].values()))
         prior.add_fit(fit)
         fit_s[f"{before}:{interval}"] = {
             "seconds": round(time.perf_counter() - t0, 1), "gain": fit.info["gain"], "terms": fit.info["terms"],
+            "refine_split": args.refine_split, "refine_iterations": args.refine_iterations,
             "tune_score_db": {"+".join(f.info["terms"]): round(max(f.info["tune_score_db"].values()), 3)
                               for f in fits}}
 
@@ -304,8 +309,9 @@ def render(result: dict) -> str:
         lines.append(f"| {r['method']} | {r['setting']} | {r['full_steps']:.2f} | {fmt(r['psnr_pooled_db'])} | "
                      f"{fmt(r['psnr_mean_db'])} | {r['fd_to_uncached']:.3f} | {r['time_s']:.1f} |")
     lines += ["", "EOC calibrated fits (per TaylorSeer setting before:interval): "
-              + "; ".join(f"{level}: terms {'+'.join(info.get('terms', ['extrapolate']))}, gain {info['gain']}, "
-                          f"{info['seconds']} s" for level, info in c["fit_s"].items()) + "."]
+              + "; ".join(f"{level}: terms {'+'.join(info.get('terms', ['extrapolate']))}, refinement "
+                          f"{info.get('refine_split', 'phase')} × {info.get('refine_iterations', 2)}, "
+                          f"gain {info['gain']:.3g}, {info['seconds']} s" for level, info in c["fit_s"].items()) + "."]
     lines += ["", "EOC calibrated against diffusers' TaylorSeer (best of orders 1 and 2) at the same full steps:", ""]
     by = {}
     for r in result["rows"]:
