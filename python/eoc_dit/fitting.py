@@ -97,6 +97,7 @@ REFINE_STEP = 0.5  # the finite-difference step of each refinement direction's w
 REFINE_ITERATIONS = 2
 REFINE_DAMPING = 1e-3  # Marquardt's λ, relative to the diagonal of JᵀJ
 REFINE_MAX_MOVE = 3.0  # the largest change of one weight per step
+REFINE_NEGLIGIBLE = 1e-6  # a direction whose JᵀJ diagonal is below this fraction of the largest is left at 0
 
 
 def default_anchors(terms) -> tuple[EOCConfig | None, ...]:
@@ -539,7 +540,8 @@ def _gauss_newton(tune: _TuneSet, evaluate, base: str, directions, step: float, 
     samples closest to the uncached ones in least squares, from φ = 0 (the candidate ``base``, already
     scored). The Jacobian is one finite difference of ``step`` per direction, kept for every iteration;
     each iteration solves the Levenberg-Marquardt normal equations for the residuals at the current point
-    (no weight moving by more than ``REFINE_MAX_MOVE``) and keeps the step only where the pooled score
+    (no weight moving by more than ``REFINE_MAX_MOVE``; a direction whose JᵀJ diagonal is below
+    ``REFINE_NEGLIGIBLE`` of the largest keeps weight 0) and keeps the step only where the pooled score
     rises on the tune pairs and on each half of them (alternate pairs), else tries once more 100 times
     more damped, else stops. ``evaluate(name, φ)`` samples φ into ``tune`` and returns its score.
     Returns (φ, {name: score} of every point tried, the name of the point kept)."""
@@ -560,6 +562,9 @@ def _gauss_newton(tune: _TuneSet, evaluate, base: str, directions, step: float, 
     kept = base
     if not float(gram.diagonal().max()) > 0:  # no direction changes the samples
         return phi, scores, kept
+    # A direction that barely moves the samples gets no weight: its weight is ill-determined (float noise in
+    # the Jacobian would set it) and its unbounded move would take the whole trust region of the others.
+    active = gram.diagonal() > REFINE_NEGLIGIBLE * float(gram.diagonal().max())
 
     def halves(name):  # the pooled score of each half of the tune pairs (alternate pairs)
         errors = torch.cat(tune.errors[name])
@@ -572,7 +577,8 @@ def _gauss_newton(tune: _TuneSet, evaluate, base: str, directions, step: float, 
         accepted = False
         for attempt in range(2):  # Levenberg-Marquardt: a failed step is retried 100 times more damped
             system = gram + damping * torch.diag(gram.diagonal().clamp(min=1e-30 * float(gram.diagonal().max())))
-            move = -torch.linalg.solve(system, rhs)
+            move = torch.zeros_like(rhs)
+            move[active] = -torch.linalg.solve(system[active][:, active], rhs[active])
             largest = float(move.abs().max())
             if largest > REFINE_MAX_MOVE:  # beyond the reach of the finite differences: a trust region
                 move = move * (REFINE_MAX_MOVE / largest)
