@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, InputValueError
-from .fitting import DEFAULT_GAINS, DEFAULT_TERMS, REFINE_ITERATIONS
+from .fitting import DEFAULT_GAINS, DEFAULT_TERMS, REFINE_ITERATIONS, REFINE_SPLITS
 from .sweep import METHOD_HELP
 
 SCHEDULE_HELP = ("'none' (compute every step), 'fora:N' or 'fora:N:W' (FORA interval N, warm-up W steps), "
@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", choices=("gauss-newton", "blend", "none"), default="gauss-newton",
                    help="trajectory refinement from the anchor on the tune pairs: gauss-newton (default), blend "
                         "(anchor + g * (fit - anchor), g among --gains) or none (the fit as it is)")
-    p.add_argument("--refine-split", choices=("phase", "phase-block", "phase-block-branch"), default="phase",
+    p.add_argument("--refine-split", choices=REFINE_SPLITS, default="phase",
                    help="gauss-newton's directions: the anchor scaled per phase of the run (phase, default), per "
                         "phase and block (phase-block) or per phase, block and branch (phase-block-branch)")
     p.add_argument("--refine-iterations", type=int, default=REFINE_ITERATIONS,
