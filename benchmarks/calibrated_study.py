@@ -20,24 +20,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 
 import torch
 
 from eoc_dit import DDIMSampler, EOCConfig, FORASchedule, Prior, apply_eoc, fit_coefficients, testbed
 from eoc_dit.fitting import DEFAULT_ANCHORS, preset_name
+from eoc_dit.sweep import git_commit
 from eoc_dit.testbed.demo import EVAL_SEED_BASE, demo_batch
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -56,7 +46,7 @@ def main() -> None:
                              "(default: the shipped testbed)")
     parser.add_argument("--out", default=None, help="Markdown file to write (the table and the fits' choices)")
     args = parser.parse_args()
-    commit = _commit()
+    commit = git_commit()
 
     if args.assets is None:
         model, shipped = testbed.load_model(), testbed.load_prior(20)

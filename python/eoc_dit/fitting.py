@@ -498,6 +498,11 @@ def _computes_before(mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(counts[:1]), counts[:-1]])
 
 
+def _check_split(split) -> None:
+    if split not in REFINE_SPLITS:
+        raise InputValueError(f"refine_split must be one of {REFINE_SPLITS}, got {split!r}")
+
+
 def refinement_directions(mask: torch.Tensor, anchor: torch.Tensor, fitted: torch.Tensor, split: str = "phase"):
     """[(name, direction [T, L, 2, 5] fp64)] the trajectory refinement moves the coefficients along, from
     the anchor a: a itself on the reuse entries with 1, 2, 3 and 4 or more computes before them
@@ -506,8 +511,7 @@ def refinement_directions(mask: torch.Tensor, anchor: torch.Tensor, fitted: torc
     ("anchor@n/b3": phase n of block 3; the phase directions are their sums), a gain per phase and block;
     ``"phase-block-branch"`` further by branch ("anchor@n/b3.mlp"; branch 0 "attn", 1 "mlp").
     Directions that are zero are left out."""
-    if split not in REFINE_SPLITS:
-        raise InputValueError(f"refine_split must be one of {REFINE_SPLITS}, got {split!r}")
+    _check_split(split)
     computes = _computes_before(mask).clamp(max=4)
     reuse = ~mask
     blocks = [None] if split == "phase" else list(range(mask.shape[1]))
@@ -565,6 +569,7 @@ def _gauss_newton(tune: _TuneSet, evaluate, base: str, directions, step: float, 
     # A direction that barely moves the samples gets no weight: its weight is ill-determined (float noise in
     # the Jacobian would set it) and its unbounded move would take the whole trust region of the others.
     active = gram.diagonal() > REFINE_NEGLIGIBLE * float(gram.diagonal().max())
+    system, diagonal = gram[active][:, active], gram.diagonal()[active]  # Marquardt: damping scales JᵀJ's diagonal
 
     def halves(name):  # the pooled score of each half of the tune pairs (alternate pairs)
         errors = torch.cat(tune.errors[name])
@@ -576,9 +581,8 @@ def _gauss_newton(tune: _TuneSet, evaluate, base: str, directions, step: float, 
         rhs = _per_sample_rows([torch.mv(j, r) for j, r in zip(jacobian, residual)], group, "the gradient").sum(0)
         accepted = False
         for attempt in range(2):  # Levenberg-Marquardt: a failed step is retried 100 times more damped
-            system = gram + damping * torch.diag(gram.diagonal().clamp(min=1e-30 * float(gram.diagonal().max())))
             move = torch.zeros_like(rhs)
-            move[active] = -torch.linalg.solve(system[active][:, active], rhs[active])
+            move[active] = -torch.linalg.solve(system + damping * torch.diag(diagonal), rhs[active])
             largest = float(move.abs().max())
             if largest > REFINE_MAX_MOVE:  # beyond the reach of the finite differences: a trust region
                 move = move * (REFINE_MAX_MOVE / largest)
@@ -637,7 +641,8 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     anchors: the fixed presets the anchor is chosen among (``EOCConfig`` presets; None = plain reuse), by
         pooled trajectory score on the tune pairs (one anchor is taken as given). Default:
         ``default_anchors(terms)``: plain, extrapolate θ ∈ {0.8, 1, 1.2}, TaylorSeer and HiCache of order
-        1..3, and trend / delta where ``terms`` has them (so the default fit reads no prior means).
+        1..3, and trend / delta where ``terms`` has them (with ``terms=("extrapolate",)`` neither the
+        anchor nor the fit reads the prior's means).
     refine: "gauss-newton" (default), "blend" or None: the trajectory refinement from the anchor (module
         docstring, part 3); ``refine_split`` its directions (``refinement_directions``): "phase" (the
         anchor scaled per phase of the run), "phase-block" (per phase and block) or "phase-block-branch" (per
@@ -677,8 +682,7 @@ def fit_coefficients(model: nn.Module, sampler, schedule: Schedule, prior: Prior
     anchors = _check_anchors(default_anchors(terms) if anchors is None else anchors)
     if refine not in REFINEMENTS:
         raise InputValueError(f"refine must be one of {REFINEMENTS}, got {refine!r}")
-    if refine_split not in REFINE_SPLITS:
-        raise InputValueError(f"refine_split must be one of {REFINE_SPLITS}, got {refine_split!r}")
+    _check_split(refine_split)
     if isinstance(refine_iterations, bool) or not isinstance(refine_iterations, int) or refine_iterations < 1:
         raise InputValueError(f"refine_iterations must be an int >= 1, got {refine_iterations!r}")
     _check_number("judge_threshold", judge_threshold, minimum=0)
