@@ -680,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", dest="init_from", default=None,
                    help="warm start from this testbed_dit.pt (same architecture): weights and EMA start from it, "
                         "and the card records the card beside it")
+    p.add_argument("--class-weights", dest="class_weights", default=None,
+                   help="class-weighted sampling, 'label:weight,...' (e.g. '5:3': sandals three times as often; "
+                        "default: a plain shuffle)")
     p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
                    help="write train_state.pt every this many iterations and when the run stops (default 0: never)")

@@ -276,3 +276,26 @@ def test_sample_accuracy_of_a_trained_folder_counts_each_class(tmp_path, monkeyp
         tb.sample_accuracy(model, 5)
     with pytest.raises(FileNotFoundError, match="MODEL_CARD.json does not exist"):
         tb.load_model_from(str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.parametrize("text", ["5", "5:0", "5:-1", "10:2", "-1:2", "a:2", "5:nan", "5:2,5:3", "5:inf"])
+def test_train_config_refuses_bad_class_weights(text):
+    with pytest.raises(ValueError, match="TrainConfig.class_weights"):
+        TrainConfig(class_weights=text)
+
+
+def test_class_weights_draw_the_listed_label_that_much_more_often(tmp_path):
+    images = torch.rand(40, 1, 28, 28) * 2 - 1
+    labels = torch.tensor([3] * 4 + [0] * 36)
+    settings = dict(hidden_size=32, depth=1, num_heads=2, iterations=1, batch_size=8, warmup=1)
+    orders = {}
+    for name, weights in (("plain", ""), ("weighted", " 3:50 ,")):
+        out = tmp_path / name
+        out.mkdir()
+        card = train_testbed(TrainConfig(class_weights=weights, **settings), str(out), images=images, labels=labels,
+                             progress=False, checkpoint_every=1)
+        assert card["config"]["class_weights"] == weights
+        orders[name] = torch.load(out / "train_state.pt", weights_only=True)["order"]
+    assert torch.equal(orders["plain"].sort().values, torch.arange(40))  # unweighted: a permutation, as before
+    share = (labels[orders["weighted"]] == 3).double().mean().item()
+    assert 0.7 < share <= 1.0  # expected 200 / 236 = 0.85 of the draws, against 0.1 without the weights

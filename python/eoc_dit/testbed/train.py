@@ -53,6 +53,10 @@ class TrainConfig:
     # warm start: a testbed checkpoint (fp16 EMA weights, same architecture) that initialises both the
     # weights and the EMA; "" trains from the random init
     init_from: str = ""
+    # class-weighted sampling, "label:weight,...": each epoch's order is drawn with replacement, an
+    # image of a listed label `weight` times as likely as one of an unlisted label (weight 1); "" keeps
+    # the plain shuffle. For a class the model draws weakly (thin structures need more of its gradient).
+    class_weights: str = ""
 
     def __post_init__(self):
         positive = ("input_size", "patch_size", "hidden_size", "depth", "num_heads", "num_classes", "iterations",
@@ -74,6 +78,27 @@ class TrainConfig:
                 raise InputValueError(f"TrainConfig.{name} must be a finite number in [{low}, {high}], got {value!r}")
         if not isinstance(self.init_from, str):
             raise InputValueError(f"TrainConfig.init_from must be a path string, got {self.init_from!r}")
+        self.label_weights()  # validates class_weights
+
+    def label_weights(self) -> dict[int, float]:
+        """``class_weights`` parsed: {label: weight} for the listed labels (empty: plain shuffle)."""
+        text = self.class_weights
+        if not isinstance(text, str):
+            raise InputValueError(f"TrainConfig.class_weights must be a string like '5:3,6:1.5', got {text!r}")
+        weights = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            label, sep, weight = item.partition(":")
+            try:
+                label, weight = int(label), float(weight)
+            except ValueError:
+                label = weight = None
+            if not sep or label is None or not 0 <= label < self.num_classes or label in weights \
+                    or not (math.isfinite(weight) and weight > 0):
+                raise InputValueError(f"TrainConfig.class_weights must list distinct 'label:weight' pairs with a "
+                                      f"label in [0, {self.num_classes}) and a finite weight > 0, got {item!r} "
+                                      f"in {text!r}")
+            weights[label] = weight
+        return weights
 
     @property
     def ema_start_iteration(self) -> int:
@@ -203,7 +228,18 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
     sqrt_acp, sqrt_one_minus_acp = acp.sqrt(), (1.0 - acp).sqrt()
 
     n = images.shape[0]
-    order = torch.randperm(n, generator=generator)
+    label_weights = config.label_weights()
+    if label_weights:
+        sample_weights = torch.ones(n, dtype=torch.float64)
+        for label, weight in label_weights.items():
+            sample_weights[labels == label] = weight
+
+        def epoch_order():
+            return torch.multinomial(sample_weights, n, replacement=True, generator=generator)
+    else:
+        def epoch_order():
+            return torch.randperm(n, generator=generator)
+    order = epoch_order()
     cursor, losses, history, first, wall_before = 0, [], [], 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -219,7 +255,7 @@ def train_testbed(config: TrainConfig, out_dir: str, *, images=None, labels=None
     step = first - 1
     for step in bar:
         if cursor + config.batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
+            order, cursor = epoch_order(), 0
         index = order[cursor : cursor + config.batch_size]
         cursor += config.batch_size
         for group in optimizer.param_groups:  # linear warm-up, then constant (as DiT, which uses no decay)
