@@ -146,7 +146,8 @@ def test_eoc_evaluate_with_a_corrupted_shipped_prior(capsys, tmp_path, monkeypat
     assert len(err.splitlines()) == 1 and "testbed_prior_ddim20.safetensors" in err and "Traceback" not in err
 
 
-NEXT_TESTBED = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "testbed-phase3-cpu-2026-12-02")
+NEXT_TESTBED = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results",
+                            "testbed-phase3-cpu-2026-12-02")
 
 
 def test_the_next_testbed_is_complete_for_shipping():
