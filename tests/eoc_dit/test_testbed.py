@@ -299,3 +299,36 @@ def test_class_weights_draw_the_listed_label_that_much_more_often(tmp_path):
     assert torch.equal(orders["plain"].sort().values, torch.arange(40))  # unweighted: a permutation, as before
     share = (labels[orders["weighted"]] == 3).double().mean().item()
     assert 0.7 < share <= 1.0  # expected 200 / 236 = 0.85 of the draws, against 0.1 without the weights
+
+
+def test_a_state_saved_before_class_weights_resumes_as_unweighted(tmp_path):
+    images = torch.rand(32, 1, 28, 28) * 2 - 1
+    labels = torch.randint(0, 10, (32,))
+    settings = dict(hidden_size=32, depth=1, num_heads=2, batch_size=8, warmup=1)
+    train_testbed(TrainConfig(iterations=2, **settings), str(tmp_path), images=images, labels=labels, progress=False,
+                  checkpoint_every=2)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    del state["config"]["class_weights"]  # as written by the code before the field existed
+    torch.save(state, tmp_path / "train_state.pt")
+    with pytest.raises(ValueError, match=r"class_weights=''.*now '5:3'"):
+        train_testbed(TrainConfig(iterations=3, class_weights="5:3", **settings), str(tmp_path), images=images,
+                      labels=labels, progress=False, resume=True)
+    card = train_testbed(TrainConfig(iterations=3, **settings), str(tmp_path), images=images, labels=labels,
+                         progress=False, resume=True)
+    assert card["iterations_run"] == 3 and card["resumed_from_iteration"] == 2
+
+
+def test_a_resumed_class_weighted_run_equals_an_uninterrupted_one(tmp_path):
+    images = torch.rand(32, 1, 28, 28) * 2 - 1
+    labels = torch.randint(0, 10, (32,))
+    settings = dict(hidden_size=32, depth=1, num_heads=2, batch_size=8, warmup=1, class_weights="2:4,7:0.5")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir()
+    split.mkdir()
+    train_testbed(TrainConfig(iterations=6, **settings), str(straight), images=images, labels=labels, progress=False)
+    train_testbed(TrainConfig(iterations=3, **settings), str(split), images=images, labels=labels, progress=False,
+                  checkpoint_every=3)
+    train_testbed(TrainConfig(iterations=6, **settings), str(split), images=images, labels=labels, progress=False,
+                  resume=True)  # 6 iterations of 8 cross the epoch of 32: a second weighted draw
+    weights = [torch.load(folder / "testbed_dit.pt", weights_only=True) for folder in (straight, split)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -151,11 +151,13 @@ def _load_state(path, config):
     except (OSError, RuntimeError, EOFError) as error:
         raise InputValueError(f"cannot resume from {path}: {type(error).__name__}: {error}") from None
     saved = state.get("config", {}) if isinstance(state, dict) else {}
+    # a field newer than the saved run (class_weights) counts as its default there
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     differing = sorted(name for name, value in asdict(config).items()
-                       if name not in RESUMABLE_CHANGES and saved.get(name) != value)
+                       if name not in RESUMABLE_CHANGES and saved.get(name, defaults[name]) != value)
     if differing:
         raise InputValueError(f"cannot resume from {path}: its run had other settings "
-                              + ", ".join(f"{name}={saved.get(name)!r} (now {getattr(config, name)!r})"
+                              + ", ".join(f"{name}={saved.get(name, defaults[name])!r} (now {getattr(config, name)!r})"
                                           for name in differing))
     if state["next_step"] > config.iterations:
         raise InputValueError(f"cannot resume from {path}: it already ran {state['next_step']} iterations, "
