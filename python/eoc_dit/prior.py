@@ -450,7 +450,15 @@ class Prior:
                     _CHECKSUM_KEY: _checksum(tensors, raw_meta, raw_fits, raw_storage)}
         if raw_storage is not None:
             metadata[_STORAGE_KEY] = raw_storage
-        save_file(tensors, path, metadata=metadata)
+        # a temporary file renamed over the target: a process that has the old file open keeps reading the old
+        # file, and an interrupted save leaves the old file (or none), never a half-written one
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Prior:
@@ -494,7 +502,9 @@ class Prior:
             storage_info = _parse_storage_info(raw_storage, path)
             _check_names(names, len(infos), path, storage_info)  # before reading: no tensor outside the format is read
             try:
-                tensors = {name: handle.get_tensor(name) for name in names}
+                # get_tensor's CPU tensors are views of safetensors' mapping of the file: copy them, so that
+                # rewriting the file in place later (cp, another save_file) cannot change a loaded prior
+                tensors = {name: handle.get_tensor(name).clone() for name in names}
             except Exception as exc:  # noqa: BLE001
                 raise unreadable(exc) from None
         if _CHECKSUM_KEY in metadata:

@@ -338,6 +338,34 @@ def test_save_bad_dtype(prior, tmp_path, dtype):
     assert not (tmp_path / "p.safetensors").exists()
 
 
+def test_a_loaded_prior_does_not_change_when_its_file_is_rewritten_in_place(prior, tmp_path):
+    """safetensors maps the file; a loaded prior holds copies, so another process rewriting the file in place
+    (cp, an older save) cannot change it under a running sampler (it did: NaN samples mid-sweep)."""
+    path, other = tmp_path / "prior.safetensors", tmp_path / "other.safetensors"
+    prior.save(path, dtype=torch.float32)
+    loaded = Prior.load(path)
+    expected = loaded.mean.clone()
+    save_file({k: v + 1 for k, v in tensors_of(loaded).items()}, os.fspath(other))
+    with open(other, "rb") as src, open(path, "r+b") as dst:  # same inode, new bytes: what cp does
+        data = src.read()
+        dst.seek(0)
+        dst.write(data)
+        dst.truncate()
+    assert torch.equal(loaded.mean, expected)
+
+
+def test_save_replaces_the_file_instead_of_rewriting_it(prior, tmp_path):
+    """A process that opened the old file keeps reading the old bytes; no temporary file is left behind.
+    (safetensors 0.8's save_file replaces the file too; save does so itself, whatever the version.)"""
+    path = tmp_path / "prior.safetensors"
+    prior.save(path, dtype=torch.float32)
+    with open(path, "rb") as old:
+        before = os.fstat(old.fileno()).st_ino
+        prior.save(path, dtype=torch.float16)
+        assert os.stat(path).st_ino != before and old.read(8) != b""
+    assert Prior.load(path).mean.dtype == torch.float16 and sorted(os.listdir(tmp_path)) == ["prior.safetensors"]
+
+
 def test_load_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere"):
         Prior.load(tmp_path / "nothere.safetensors")
