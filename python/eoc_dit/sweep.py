@@ -421,9 +421,10 @@ def format_markdown(rows: list[dict], method_order=(), notes=()) -> str:
     if any(_schedule_order(s)[1] for s in schedules):
         text.append("TaylorSeer N, W: TaylorSeer's schedule (its first_enhance W, interval N): full steps t < W and "
                     "t = W − 1 + j·N, i.e. FORA N with W − 1 warm-up steps (eoc_dit.schedules.TaylorSeerSchedule).")
-    if missing:
-        text.append(f"No calibrated row for {', '.join(schedule_label(s) for s in missing)}: the prior holds no "
-                    "fit for that schedule.")
+    if missing and (not method_order or "calibrated" in method_order):  # not when calibrated was not asked for
+        why = ("the prior holds no fit for that schedule" if method_order else
+               "the prior holds no fit for that schedule, or calibrated was not among the methods run")
+        text.append(f"No calibrated row for {', '.join(schedule_label(s) for s in missing)}: {why}.")
     text += list(notes)
     return "\n".join(text) + "\n"
 

@@ -291,6 +291,13 @@ def test_markdown_marks_the_best_preset_and_calibrated_margins():
     assert sweep.calibrated_margins(rows)["fora:3"][0] == "taylorseer:2"
 
 
+def test_markdown_notes_a_missing_calibrated_row_only_when_calibrated_was_asked_for():
+    rows = _table_rows()
+    assert "No calibrated row" not in sweep.format_markdown(rows, ["plain", "extrapolate:1", "taylorseer:2"])
+    assert "the prior holds no fit for that schedule." in sweep.format_markdown(rows, ["plain", "calibrated"])
+    assert "or calibrated was not among the methods run" in sweep.format_markdown(rows)  # --replot: unknown
+
+
 # ---------------------------------------------------------------------------------------------- figure
 def test_figure_one_line_per_method_and_warmup_markers(tmp_path):
     csv_path = tmp_path / "results.csv"
