@@ -27,17 +27,21 @@ def test_shipped_files_are_small_and_described():
 
 
 def test_shipped_card_records_the_recipe_and_the_sample_accuracy_per_class():
-    """The card carries both training phases, the loss curve, the wall time and the per-class accuracy of
-    1,000 samples at CFG 3 (issue 10 asks >= 0.75 overall and >= 0.5 per class; the shipped model misses
-    the second in one class, see the card)."""
+    """The card carries the three training phases (each card's init_from_card is the phase it warm-started
+    from), their loss curves and wall times, and the per-class accuracy of 1,000 samples at CFG 3: issue 10
+    asks >= 0.75 overall and >= 0.5 in every class."""
     card = testbed.model_card()
-    phase1 = card["init_from_card"]
-    assert phase1["iterations_run"] == phase1["config"]["iterations"] and card["config"]["ema_start"] == 0
-    assert card["loss_history"] and phase1["loss_history"] and card["wall_time_s"] > 0
+    phase2 = card["init_from_card"]
+    phase1 = phase2["init_from_card"]
+    assert phase1.get("init_from_card") is None and phase1["config"]["init_from"] in (None, "")
+    for phase in (card, phase2, phase1):
+        assert phase["iterations_run"] == phase["config"]["iterations"]
+        assert phase["loss_history"] and phase["wall_time_s"] > 0
+    assert card["config"]["ema_start"] == 0 and card["config"]["class_weights"] == "5:3"
     accuracy = card["sample_accuracy"]
     assert accuracy["num_samples"] == 1000 and accuracy["cfg_scale"] == 3.0 and len(accuracy["per_class"]) == 10
     assert accuracy["overall"] >= 0.75
-    assert min(accuracy["per_class"].values()) >= 0.3  # every class drawn (the old model's sandals scored 0.00)
+    assert min(accuracy["per_class"].values()) >= 0.5  # phase 2 drew sandals at 0.36, the first model at 0.00
 
 
 def test_shipped_model_draws_the_ten_classes():
@@ -144,29 +148,3 @@ def test_eoc_evaluate_with_a_corrupted_shipped_prior(capsys, tmp_path, monkeypat
     assert main(["evaluate", "--samples", "4", "--intervals", "2", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "testbed_prior_ddim20.safetensors" in err and "Traceback" not in err
-
-
-NEXT_TESTBED = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results",
-                            "testbed-phase3-cpu-2026-12-02")
-
-
-def test_the_next_testbed_is_complete_for_shipping():
-    """The phase-3 candidate (README "The next testbed") holds what the package's assets hold: a model
-    that meets the per-class target, a prior made for exactly that model and the six shipped fits."""
-    from eoc_dit.prior import Prior
-
-    with open(os.path.join(NEXT_TESTBED, "MODEL_CARD.json")) as f:
-        card = json.load(f)
-    accuracy = card["sample_accuracy"]
-    assert accuracy["num_samples"] == 1000 and accuracy["cfg_scale"] == 3.0 and accuracy["overall"] >= 0.75
-    assert min(accuracy["per_class"].values()) >= 0.5
-    assert card["config"]["class_weights"] == "5:3" and card["init_from_card"]["init_from_card"] is not None
-    model = testbed.load_model_from(NEXT_TESTBED)
-    prior = Prior.load(os.path.join(NEXT_TESTBED, "testbed_prior_ddim20.safetensors"))
-    prior.check_model(model)  # the architecture (the fingerprint hashes parameter names and shapes only)
-    # so also check that its means are this model's calibration, not the shipped prior's
-    assert not torch.equal(prior.mean_entry(10, 3, 0), testbed.load_prior(20).mean_entry(10, 3, 0))
-    assert prior.num_steps == 20 and prior.cfg_scale == 3.0
-    assert {fit.info["schedule"] for fit in prior.fits} == {f"FORASchedule(interval={n}, warmup=0)"
-                                                            for n in (2, 3, 4, 5, 6)} | {
-        "TaylorSeerSchedule(interval=4, warmup_steps=2)"}
