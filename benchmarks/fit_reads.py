@@ -2,7 +2,8 @@
 features C_0..C_3 its coefficients need, and how often the prior's D and E are read.
 
 The count follows the kernels' rule that a zero coefficient's tensor is never read
-(``eoc_kernels.reference.corrected_feature``): with coef = (α, β₁, γ, β₂, β₃), C_0 is always read, C_1 when
+(``eoc_kernels.reference.corrected_feature``; the Triton tile loads the same way, ``_common._corrected_feature``,
+so a gap such as β₃ alone reads C_2 and C_3 but not C_1): with coef = (α, β₁, γ, β₂, β₃), C_0 is always read, C_1 when
 β₁ or β₂ ≠ 0, C_2 when β₂ or β₃ ≠ 0, C_3 when β₃ ≠ 0, D when α ≠ 0 and E when γ ≠ 0. It is the design's
 count, not a measured bandwidth.
 
